@@ -19,6 +19,7 @@ from common.errors import ConfigError
 DEFAULT_CONFIG_FILE = "startup_config.yaml"
 
 Port = int
+METRICS_PORT_OFFSET = 1000
 
 
 class _Strict(BaseModel):
@@ -69,6 +70,8 @@ class AgentSpec(_Strict):
     command: list[str] | None = None
     port: Port | None = Field(None, ge=1, le=65535)
     health_check_port: Port = Field(..., ge=1, le=65535)
+    # Prometheus scrape port; omitted: health_check_port + METRICS_PORT_OFFSET; 0: none.
+    metrics_port: Port | None = Field(None, ge=0, le=65535)
     required: bool = True
     dependencies: list[str] = []
     readiness: Literal["health", "redis", "both"] = "health"
@@ -81,6 +84,13 @@ class AgentSpec(_Strict):
     restart: dict[str, Any] | None = None
     circuit_breaker: dict[str, Any] | None = None
     stop_grace_s: float | None = Field(None, gt=0)
+
+    @property
+    def effective_metrics_port(self) -> int | None:
+        if self.metrics_port is None:
+            derived = self.health_check_port + METRICS_PORT_OFFSET
+            return derived if derived <= 65535 else None
+        return self.metrics_port or None
 
     @model_validator(mode="after")
     def _module_or_command(self) -> AgentSpec:
@@ -230,13 +240,13 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
 def _cross_check(cfg: StartupConfig) -> list[str]:
     problems: list[str] = []
     if cfg.machine not in cfg.machines:
-        problems.append(f"machine: {cfg.machine!r} is not one of machines ({', '.join(cfg.machines)})")
+        problems.append(
+            f"machine: {cfg.machine!r} is not one of machines ({', '.join(cfg.machines)})"
+        )
     owner: dict[str, str] = {}
     for group_name, group in cfg.agent_groups.items():
         if group.machine not in cfg.machines:
-            problems.append(
-                f"agent_groups.{group_name}.machine: unknown machine {group.machine!r}"
-            )
+            problems.append(f"agent_groups.{group_name}.machine: unknown machine {group.machine!r}")
         for name in group.agents:
             if name in owner:
                 problems.append(
@@ -253,8 +263,12 @@ def _cross_check(cfg: StartupConfig) -> list[str]:
         taken.setdefault((host, cfg.supervisor.control_port), "supervisor.control_port")
         for name, spec in group.agents.items():
             path = f"agent_groups.{group_name}.agents.{name}"
-            for key in ("port", "health_check_port"):
-                port = getattr(spec, key)
+            ports = {
+                "port": spec.port,
+                "health_check_port": spec.health_check_port,
+                "metrics_port": spec.effective_metrics_port,
+            }
+            for key, port in ports.items():
                 if port is None:
                     continue
                 where = f"{path}.{key}"
@@ -262,6 +276,10 @@ def _cross_check(cfg: StartupConfig) -> list[str]:
                     problems.append(f"{where}: duplicate port {port} (also {taken[(host, port)]})")
                 else:
                     taken[(host, port)] = where
+            try:
+                merge_settings(cfg.settings, spec)
+            except ValidationError as err:
+                problems.extend(f"{path}.{p}" for p in _pydantic_problems(err))
             for dep in spec.dependencies:
                 if dep not in owner:
                     problems.append(f"{path}.dependencies: unknown dependency {dep!r}")

@@ -1,0 +1,199 @@
+"""The gRPC aio server every agent runs: health, reflection, tracing, metrics, error mapping.
+
+`ErrorMappingInterceptor` is the one place where exceptions become gRPC statuses
+(through `common.errors.to_grpc_status`); servicers just raise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from common import telemetry
+from common.errors import GraftmeshError, to_grpc_status
+
+_log = logging.getLogger(__name__)
+
+InternalErrorHook = Callable[[str, BaseException], None]
+
+# Large artifacts stream in chunks, but single tensors for inference can be sizeable.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions raised by servicers into statuses, and records RPC metrics.
+
+    A `GraftmeshError` becomes its own code with its message. Anything else is a
+    bug: INTERNAL with a generic message, logged with its stack trace and handed
+    to `on_internal_error` (the agent reports it to the error bus).
+    """
+
+    def __init__(self, on_internal_error: InternalErrorHook | None = None) -> None:
+        self._on_internal_error = on_internal_error
+        meter = telemetry.meter("graftmesh.grpc")
+        self._calls = meter.create_counter(
+            "graftmesh_rpc_server_calls", description="RPCs handled, by method and status code"
+        )
+        self._duration = meter.create_histogram(
+            "graftmesh_rpc_server_duration_seconds", unit="s", description="RPC handling time"
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as exc:
+                code = await self._abort(method, context, exc)
+            finally:
+                self._record(method, code, started)
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes through context.write() and returns None
+                    await result
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as exc:
+                code = await self._abort(method, context, exc)
+            finally:
+                self._record(method, code, started)
+
+        return wrapper
+
+    async def _abort(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], exc: Exception
+    ) -> grpc.StatusCode:
+        code, details = to_grpc_status(exc)
+        if not isinstance(exc, GraftmeshError):
+            _log.error("unhandled error in %s", method, exc_info=exc)
+            if self._on_internal_error is not None:
+                self._on_internal_error(method, exc)
+        await context.abort(code, details)
+        return code  # not reached: abort raises
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        attrs = {"rpc.method": method, "rpc.grpc.status_code": code.name}
+        self._calls.add(1, attrs)
+        self._duration.record(time.perf_counter() - started, attrs)
+
+
+class GrpcServer:
+    """An aio gRPC server with `grpc.health.v1`, reflection and the mesh's interceptors."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        on_internal_error: InternalErrorHook | None = None,
+        extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        interceptors = [
+            *telemetry.server_interceptors(),
+            ErrorMappingInterceptor(on_internal_error),
+            *extra_interceptors,
+        ]
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._address = f"{host}:{port}"
+        self._service_names: list[str] = []
+        self.port = port
+
+    def add_services(self, names: Iterable[str]) -> None:
+        """Declare full service names (`graftmesh.v1.TrainerService`) for health and reflection."""
+        self._service_names.extend(names)
+
+    async def start(self) -> None:
+        names = [
+            *self._service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, self.server)
+        bound = self.server.add_insecure_port(self._address)
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC server to {self._address} (port in use?)")
+        self.port = bound
+        await self.server.start()
+        await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting calls; in-flight ones get `grace_s` to finish."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
