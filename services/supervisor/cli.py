@@ -1,0 +1,272 @@
+"""The `graftmesh` command line.
+
+Exit codes (a public contract): 0 success (also `up` after a clean shutdown on
+SIGINT/SIGTERM); 1 the command failed (e.g. no supervisor is running); 2 invalid
+configuration or usage; 3 a required agent failed to become healthy; 4
+infrastructure (NATS/Redis) unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from common.config import StartupConfig, load_config
+from common.errors import ConfigError
+from common.process import tail_lines
+from common.stubs import common_pb2, supervisor_pb2, supervisor_pb2_grpc
+from services.supervisor import check
+from services.supervisor.process import log_path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_AGENT = 3
+EXIT_INFRA = 4
+
+app = typer.Typer(
+    name="graftmesh",
+    help="Graftmesh: grow neural networks while they train, on a supervised mesh of agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output is not wrapped or cut at 80 columns: scripts and logs read it whole.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="startup_config.yaml (default: $GRAFTMESH_CONFIG, else ./startup_config.yaml)",
+    ),
+]
+MachineOpt = Annotated[
+    str | None, typer.Option("--machine", help="this machine (default: the config's `machine`)")
+]
+
+
+def _load(config: Path | None, machine: str | None = None) -> StartupConfig:
+    try:
+        return load_config(config, machine=machine)
+    except ConfigError as exc:
+        err.print("[bold red]invalid configuration:[/]")
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _stub(cfg: StartupConfig) -> tuple[grpc.Channel, supervisor_pb2_grpc.SupervisorServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{cfg.supervisor.control_port}")
+    return channel, supervisor_pb2_grpc.SupervisorServiceStub(channel)
+
+
+def _call(cfg: StartupConfig, method: str, request: Any, timeout_s: float = 30.0) -> Any:
+    """One control-API call; a clear message and exit 1 when no supervisor answers."""
+    channel, stub = _stub(cfg)
+    try:
+        return getattr(stub, method)(request, timeout=timeout_s)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            err.print(
+                f"no supervisor is running for this config (nothing on 127.0.0.1:"
+                f"{cfg.supervisor.control_port}); start one with `graftmesh up`"
+            )
+        else:
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            err.print(f"{method} failed: {details}", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    finally:
+        channel.close()
+
+
+@app.command()
+def up(
+    config: ConfigOpt = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option("--group", "-g", help="start only these groups (repeatable)"),
+    ] = None,
+    machine: MachineOpt = None,
+) -> None:
+    """Start the mesh (or this machine's groups of it) and supervise it until SIGINT/SIGTERM."""
+    from services.supervisor.run import run_up
+
+    cfg = _load(config, machine)
+    unknown = [g for g in group or [] if g not in cfg.agent_groups]
+    if unknown:
+        err.print(f"unknown group(s): {', '.join(unknown)}; known: {', '.join(cfg.agent_groups)}")
+        raise typer.Exit(EXIT_CONFIG)
+    raise typer.Exit(run_up(cfg, group or None, out, err))
+
+
+@app.command()
+def down(config: ConfigOpt = None) -> None:
+    """Stop the running supervisor gracefully (agents in reverse dependency order)."""
+    cfg = _load(config)
+    reply = _call(cfg, "Shutdown", supervisor_pb2.ShutdownRequest(reason="graftmesh down"))
+    out.print(f"stopping: {', '.join(reply.stopping_agents) or '(no agents)'}")
+
+
+_STATE_STYLE = {
+    "HEALTHY": "green",
+    "DEGRADED": "yellow",
+    "STARTING": "cyan",
+    "PENDING": "dim",
+    "UNHEALTHY": "red",
+    "BACKOFF": "magenta",
+    "FAILED": "bold red",
+    "SKIPPED": "dim",
+    "EXTERNAL": "blue",
+    "STOPPED": "dim",
+}
+
+
+def _short(enum_value_name: str, prefix: str) -> str:
+    return enum_value_name.removeprefix(prefix)
+
+
+def _uptime(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show every agent: state, pid, uptime, restarts, breaker, last health."""
+    cfg = _load(config)
+    reply = _call(cfg, "GetStatus", supervisor_pb2.GetStatusRequest())
+    if as_json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return
+    mesh = _short(supervisor_pb2.MeshState.Name(reply.mesh_state), "MESH_STATE_")
+    out.print(f"mesh [bold]{mesh}[/] on {reply.machine} (groups: {', '.join(reply.groups)})")
+    table = Table(box=None, header_style="bold")
+    for column in (
+        "AGENT",
+        "GROUP",
+        "MACHINE",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "BREAKER",
+        "HEALTH",
+        "LATENCY",
+        "MESSAGE",
+    ):
+        table.add_column(column)
+    for a in reply.agents:
+        state = _short(supervisor_pb2.AgentState.Name(a.state), "AGENT_STATE_")
+        health = common_pb2.HealthStatus.Name(a.last_health_status)
+        table.add_row(
+            a.agent,
+            a.group,
+            a.machine,
+            f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
+            str(a.pid or "-"),
+            _uptime(a.uptime_s),
+            str(a.restarts),
+            _short(supervisor_pb2.BreakerState.Name(a.breaker_state), "BREAKER_STATE_").lower(),
+            _short(health, "HEALTH_STATUS_").lower(),
+            f"{a.last_health_latency_ms:.1f}ms" if a.last_health_latency_ms else "-",
+            a.message,
+        )
+    out.print(table)
+
+
+@app.command()
+def restart(agent: str, config: ConfigOpt = None) -> None:
+    """Restart one agent now (its restart breaker is reset)."""
+    cfg = _load(config)
+    _call(cfg, "RestartAgent", supervisor_pb2.RestartAgentRequest(agent=agent, reset_breaker=True))
+    out.print(f"restarting {agent}")
+
+
+@app.command()
+def stop(agent: str, config: ConfigOpt = None) -> None:
+    """Stop one agent; it stays STOPPED until `graftmesh restart`."""
+    cfg = _load(config)
+    reply = _call(cfg, "StopAgent", supervisor_pb2.StopAgentRequest(agent=agent), timeout_s=120)
+    out.print(
+        f"{agent}: {_short(supervisor_pb2.AgentState.Name(reply.agent.state), 'AGENT_STATE_')}"
+    )
+
+
+@app.command()
+def logs(
+    agent: str,
+    config: ConfigOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="lines to show first")] = 50,
+) -> None:
+    """Show an agent's log (its stdout and stderr, as the supervisor captured them)."""
+    cfg = _load(config)
+    if agent not in cfg.agents():
+        err.print(f"unknown agent {agent!r}; known: {', '.join(sorted(cfg.agents()))}")
+        raise typer.Exit(EXIT_CONFIG)
+    path = log_path(cfg.run_dir, agent)
+    if not path.exists() and not follow:
+        err.print(f"no log yet for {agent} ({path})")
+        raise typer.Exit(EXIT_FAILED)
+    text = tail_lines(path, lines)
+    if text:
+        print(text, flush=True)
+    if follow:
+        _follow(path)
+
+
+def _follow(path: Path) -> None:
+    """Print lines appended to `path` until Ctrl-C, following rotation."""
+    position = path.stat().st_size if path.exists() else 0
+    try:
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            if size < position:  # rotated
+                position = 0
+            if size > position:
+                with path.open("rb") as fh:
+                    fh.seek(position)
+                    chunk = fh.read()
+                position += len(chunk)
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        return
+
+
+@app.command("check-config")
+def check_config(config: ConfigOpt = None) -> None:
+    """Validate the config, and byte-compile and import-check every `module:` agent."""
+    cfg = _load(config)
+    problems = asyncio.run(check.check_agents(cfg))
+    if problems:
+        err.print(f"[bold red]{len(problems)} problem(s):[/]")
+        for problem in problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG)
+    out.print(f"config OK: {len(cfg.agents())} agents in {len(cfg.agent_groups)} groups")
+
+
+def main() -> None:
+    app()
