@@ -23,6 +23,8 @@ from common.errors import GraftmeshError, to_grpc_status
 _log = logging.getLogger(__name__)
 
 InternalErrorHook = Callable[[str, BaseException], None]
+# The context type servicer methods take (request and response types left open).
+Context = grpc.aio.ServicerContext[Any, Any]
 
 # Large artifacts stream in chunks, but single tensors for inference can be sizeable.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

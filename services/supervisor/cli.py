@@ -114,6 +114,20 @@ def up(
 
 
 @app.command()
+def demo(config: ConfigOpt = None) -> None:
+    """The main job: bring the mesh up on the embedded default, show it, shut it down."""
+    from services.supervisor.run import run_up
+
+    cfg = _load(config)
+
+    async def show(sup: Any) -> int:
+        out.print(f"mesh {sup.mesh_state()}: {len(sup.local)} agents up; shutting down")
+        return EXIT_OK
+
+    raise typer.Exit(run_up(cfg, None, out, err, then=show))
+
+
+@app.command()
 def down(config: ConfigOpt = None) -> None:
     """Stop the running supervisor gracefully (agents in reverse dependency order)."""
     cfg = _load(config)

@@ -6,11 +6,10 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from common.grpc_server import Context
 from common.stubs import common_pb2, supervisor_pb2, supervisor_pb2_grpc
 from services.supervisor.supervisor import Supervisor
 from services.supervisor.watcher import WatcherStatus
@@ -69,7 +68,7 @@ class SupervisorServicer(supervisor_pb2_grpc.SupervisorServiceServicer):
         self._request_shutdown = request_shutdown
 
     async def GetStatus(
-        self, request: supervisor_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: supervisor_pb2.GetStatusRequest, context: Context
     ) -> supervisor_pb2.GetStatusResponse:
         sup = self._sup
         wanted = set(request.agents)
@@ -111,7 +110,7 @@ class SupervisorServicer(supervisor_pb2_grpc.SupervisorServiceServicer):
     async def RestartAgent(
         self,
         request: supervisor_pb2.RestartAgentRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: Context,
     ) -> supervisor_pb2.RestartAgentResponse:
         await self._sup.restart_agent(request.agent)
         return supervisor_pb2.RestartAgentResponse(
@@ -119,7 +118,7 @@ class SupervisorServicer(supervisor_pb2_grpc.SupervisorServiceServicer):
         )
 
     async def StopAgent(
-        self, request: supervisor_pb2.StopAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: supervisor_pb2.StopAgentRequest, context: Context
     ) -> supervisor_pb2.StopAgentResponse:
         await self._sup.stop_agent(request.agent)
         return supervisor_pb2.StopAgentResponse(
@@ -127,7 +126,7 @@ class SupervisorServicer(supervisor_pb2_grpc.SupervisorServiceServicer):
         )
 
     async def Shutdown(
-        self, request: supervisor_pb2.ShutdownRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: supervisor_pb2.ShutdownRequest, context: Context
     ) -> supervisor_pb2.ShutdownResponse:
         order = self._sup.stop_sequence()
         # Answer first, then stop: the caller should not see its call cut by our exit.

@@ -34,6 +34,11 @@ class ExitCause(StrEnum):
     UNHEALTHY = "unhealthy"  # `retries` failed liveness checks in a row: we killed it
 
 
+# Half of each backoff is random: restarts of many agents spread out, and none
+# comes almost at once after a crash, as it could with full jitter.
+RESTART_JITTER = 0.5
+
+
 @dataclass(frozen=True)
 class RestartDecision:
     restart: bool
@@ -50,7 +55,7 @@ def decide_restart(
 ) -> RestartDecision:
     """Whether to restart an agent that went down, and after which backoff.
 
-    `attempt` counts restarts since the agent was last healthy (0 for the first).
+    `attempt` counts restarts since the agent last ran stably (0 for the first).
     `on-failure` restarts unless the process exited by itself with code 0;
     `always` restarts on any exit; `never` never restarts.
     """
@@ -59,7 +64,9 @@ def decide_restart(
         return RestartDecision(False, 0.0, "restart policy is 'never'")
     if settings.policy == "on-failure" and clean_exit:
         return RestartDecision(False, 0.0, "exited with code 0 (policy 'on-failure')")
-    delay = backoff_delay(attempt + 1, settings.backoff_initial_s, settings.backoff_max_s, rng)
+    delay = backoff_delay(
+        attempt + 1, settings.backoff_initial_s, settings.backoff_max_s, rng, jitter=RESTART_JITTER
+    )
     what = "unhealthy" if cause is ExitCause.UNHEALTHY else f"exited with code {exit_code}"
     return RestartDecision(True, delay, f"{what}; restart #{attempt + 1} in {delay:.2f}s")
 

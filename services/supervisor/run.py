@@ -7,7 +7,7 @@ import contextlib
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -143,8 +143,12 @@ async def supervise(
     groups: Sequence[str] | None,
     out: Console,
     err: Console,
+    *,
     stop: asyncio.Event | None = None,
+    then: Callable[[Supervisor], Awaitable[int]] | None = None,
 ) -> int:
+    """Run the mesh until `stop` (or SIGINT/SIGTERM) is set. With `then`: once the
+    mesh is up, run it, shut down when it returns, and exit with its code."""
     _use_pidfd_child_watcher()
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -208,6 +212,8 @@ async def supervise(
             assert result.failed_agent is not None
             _print_failure(sup, result.failed_agent, err)
             return EXIT_AGENT
+        if then is not None:
+            return await then(sup)
         out.print(
             f"mesh {sup.mesh_state()}; control API on 127.0.0.1:"
             f"{cfg.supervisor.control_port}. Ctrl-C or `graftmesh down` to stop."
@@ -226,11 +232,17 @@ async def supervise(
             loop.remove_signal_handler(sig)
 
 
-def run_up(cfg: StartupConfig, groups: Sequence[str] | None, out: Console, err: Console) -> int:
+def run_up(
+    cfg: StartupConfig,
+    groups: Sequence[str] | None,
+    out: Console,
+    err: Console,
+    then: Callable[[Supervisor], Awaitable[int]] | None = None,
+) -> int:
     setup_logging(
         SUPERVISOR_AGENT,
         cfg.machine,
         log_file=cfg.run_dir / "logs" / "supervisor.log",
         stream_level="WARNING",
     )
-    return asyncio.run(supervise(cfg, groups, out, err))
+    return asyncio.run(supervise(cfg, groups, out, err, then=then))

@@ -110,6 +110,7 @@ class AgentWatcher:
         self.gate_done = asyncio.Event()
         self.gate_ok = False
         self._ready_this_life = False
+        self._ready_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._restart_now = asyncio.Event()
@@ -221,7 +222,8 @@ class AgentWatcher:
         return code
 
     async def _run(self) -> None:
-        attempt = 0  # restarts since the agent was last ready: drives the backoff
+        attempt = 0  # restarts since the agent last ran stably: drives the backoff
+        stable_s = self.agent.settings.restart.backoff_max_s
         while not self._stopping:
             self._ready_this_life = False
             cause, code = await self._one_life()
@@ -231,8 +233,8 @@ class AgentWatcher:
             if cause is None:  # the operator asked for a restart: straight back up
                 attempt = 0
                 continue
-            if self._ready_this_life:
-                attempt = 0
+            if self._ready_this_life and self._stable_for_s() >= stable_s:
+                attempt = 0  # it ran long enough: this is a new incident, not a crash loop
             self.breaker.record_failure()
             if self.breaker.state is BreakerState.OPEN:
                 await self._breaker_open()
@@ -323,9 +325,14 @@ class AgentWatcher:
             self.gate_ok = False
             self.gate_done.set()
 
+    def _stable_for_s(self) -> float:
+        """How long the life that just ended was ready."""
+        return time.monotonic() - self._ready_at if self._ready_at is not None else 0.0
+
     def _became_ready(self) -> None:
+        self._ready_at = time.monotonic()
         if self.first_ready_at is None:
-            self.first_ready_at = time.monotonic()
+            self.first_ready_at = self._ready_at
         self._ready_this_life = True
         self.ever_ready.set()
         if not self.gate_done.is_set():

@@ -70,8 +70,13 @@ def main() -> int:
         if MODE == "unhealthy_after_ready" and answered > 0:
             status = "unhealthy"
         reply = (
-            {"status": status, "service": AGENT, "timestamp": datetime.now(UTC).isoformat(),
-             "issues": [], "details": {"pid": os.getpid()}}
+            {
+                "status": status,
+                "service": AGENT,
+                "timestamp": datetime.now(UTC).isoformat(),
+                "issues": [],
+                "details": {"pid": os.getpid()},
+            }
             if ok
             else {"status": "error", "error": "unknown request"}
         )

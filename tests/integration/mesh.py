@@ -6,6 +6,7 @@ tests wait on conditions with deadlines that report what they last saw.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,9 +30,7 @@ FOREIGN = str(ROOT / "tests" / "agents" / "foreign_agent.py")
 T = TypeVar("T")
 
 
-def wait_until(
-    condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.05
-) -> T:
+def wait_until(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.05) -> T:
     """Poll `condition` until it returns something truthy; fail naming `what` and the last value."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -50,8 +49,9 @@ class Record:
     at: float
 
 
-def foreign(port: int, *, deps: list[str] | None = None, mode: str = "ok", delay_s: float = 0,
-            **extra: Any) -> dict[str, Any]:
+def foreign(
+    port: int, *, deps: list[str] | None = None, mode: str = "ok", delay_s: float = 0, **extra: Any
+) -> dict[str, Any]:
     """The config entry of a foreign (command:) agent."""
     spec: dict[str, Any] = {
         "command": [sys.executable, FOREIGN],
@@ -67,9 +67,17 @@ def foreign(port: int, *, deps: list[str] | None = None, mode: str = "ok", delay
 class Mesh:
     """One config, one `graftmesh up` process, and ways to look at both."""
 
-    def __init__(self, root: Path, nats_url: str, redis_url: str, *,
-                 groups: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
-                 embedded: str = "never", machine: str = "mainpc") -> None:
+    def __init__(
+        self,
+        root: Path,
+        nats_url: str,
+        redis_url: str,
+        *,
+        groups: dict[str, dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+        embedded: str = "never",
+        machine: str = "mainpc",
+    ) -> None:
         self.root = root
         self.record_file = root / "records.txt"
         self.control_port = free_port()
@@ -81,13 +89,16 @@ class Mesh:
             "machine": machine,
             "infra": {"nats_url": nats_url, "redis_url": redis_url, "embedded": embedded},
             "supervisor": {"control_port": self.control_port, "run_dir": "run"},
-            "settings": settings or {
-                "health_check": {"interval_s": 0.2, "timeout_s": 0.5, "retries": 3,
-                                 "start_period_s": 5},
-                "restart": {"policy": "on-failure", "backoff_initial_s": 0.1,
-                            "backoff_max_s": 1.0},
-                "circuit_breaker": {"failure_threshold": 5, "window_s": 60,
-                                    "reset_timeout_s": 60},
+            "settings": settings
+            or {
+                "health_check": {
+                    "interval_s": 0.2,
+                    "timeout_s": 0.5,
+                    "retries": 3,
+                    "start_period_s": 5,
+                },
+                "restart": {"policy": "on-failure", "backoff_initial_s": 0.1, "backoff_max_s": 1.0},
+                "circuit_breaker": {"failure_threshold": 5, "window_s": 60, "reset_timeout_s": 60},
                 "stop_grace_s": 2,
             },
             "machines": {"mainpc": {"host": "127.0.0.1"}, "pc2": {"host": "127.0.0.1"}},
@@ -103,17 +114,30 @@ class Mesh:
 
     def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "services.supervisor", *args, "--config",
-             str(self.config_path)],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False,
+            [sys.executable, "-m", "services.supervisor", *args, "--config", str(self.config_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
 
     def up(self, *args: str) -> subprocess.Popen[bytes]:
         with self.out.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.supervisor", "up", "--config",
-                 str(self.config_path), *args],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "services.supervisor",
+                    "up",
+                    "--config",
+                    str(self.config_path),
+                    *args,
+                ],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return self.proc
 
@@ -126,7 +150,8 @@ class Mesh:
             stub = supervisor_pb2_grpc.SupervisorServiceStub(channel)
             try:
                 reply: supervisor_pb2.GetStatusResponse = stub.GetStatus(
-                    supervisor_pb2.GetStatusRequest(), timeout=2)
+                    supervisor_pb2.GetStatusRequest(), timeout=2
+                )
             except grpc.RpcError:
                 return None
             return reply
@@ -135,8 +160,10 @@ class Mesh:
         reply = self.status()
         if reply is None:
             return {}
-        return {a.agent: supervisor_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_")
-                for a in reply.agents}
+        return {
+            a.agent: supervisor_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_")
+            for a in reply.agents
+        }
 
     def agent(self, name: str) -> supervisor_pb2.AgentStatus | None:
         reply = self.status()
@@ -153,8 +180,9 @@ class Mesh:
         try:
             return wait_until(check, timeout_s, f"states {expected}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nstates: {self.states()}\nup output:\n{self.output()}"
-                                 ) from None
+            raise AssertionError(
+                f"{exc}\nstates: {self.states()}\nup output:\n{self.output()}"
+            ) from None
 
     def records(self) -> list[Record]:
         if not self.record_file.exists():
@@ -179,8 +207,9 @@ class Mesh:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"supervisor did not exit in {timeout_s}s:\n{self.output()}"
-                                 ) from None
+            raise AssertionError(
+                f"supervisor did not exit in {timeout_s}s:\n{self.output()}"
+            ) from None
 
     def kill(self) -> None:
         """Last-resort cleanup: SIGKILL the supervisor's session and every agent it recorded."""
@@ -188,10 +217,8 @@ class Mesh:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         for pid in self.agent_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def agent_pids(self) -> set[int]:
         """Every process whose command line runs our foreign agent with this mesh's records."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -21,9 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def make_mesh(
-    tmp_path: Path, system_nats_url: str, system_redis_url: str
-) -> Iterator[Any]:
+def make_mesh(tmp_path: Path, system_nats_url: str, system_redis_url: str) -> Iterator[Any]:
     meshes: list[Mesh] = []
 
     def make(groups: dict[str, Any], **kwargs: Any) -> Mesh:
@@ -52,25 +52,40 @@ def _alive(pids: set[int]) -> set[int]:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda c: c["agent_groups"]["core"]["agents"]["a"]["dependencies"].append("b"),
-         "dependency cycle: a -> b -> a"),
-        (lambda c: c["agent_groups"]["core"]["agents"]["b"]["dependencies"].append("zz"),
-         "agent_groups.core.agents.b.dependencies: unknown dependency 'zz'"),
-        (lambda c: c["agent_groups"]["core"]["agents"]["b"].update(
-            health_check_port=c["agent_groups"]["core"]["agents"]["a"]["health_check_port"]),
-         "agent_groups.core.agents.b.health_check_port: duplicate port"),
-        (lambda c: c["agent_groups"]["core"]["agents"]["a"].update(healthcheck={}),
-         "agent_groups.core.agents.a.healthcheck: unknown key"),
+        (
+            lambda c: c["agent_groups"]["core"]["agents"]["a"]["dependencies"].append("b"),
+            "dependency cycle: a -> b -> a",
+        ),
+        (
+            lambda c: c["agent_groups"]["core"]["agents"]["b"]["dependencies"].append("zz"),
+            "agent_groups.core.agents.b.dependencies: unknown dependency 'zz'",
+        ),
+        (
+            lambda c: c["agent_groups"]["core"]["agents"]["b"].update(
+                health_check_port=c["agent_groups"]["core"]["agents"]["a"]["health_check_port"]
+            ),
+            "agent_groups.core.agents.b.health_check_port: duplicate port",
+        ),
+        (
+            lambda c: c["agent_groups"]["core"]["agents"]["a"].update(healthcheck={}),
+            "agent_groups.core.agents.a.healthcheck: unknown key",
+        ),
     ],
     ids=["cycle", "unknown-dependency", "duplicate-port", "unknown-key"],
 )
 def test_invalid_config_exits_2_with_the_exact_message_and_starts_nothing(
     make_mesh: Any, mutate: Any, message: str
 ) -> None:
-    mesh = make_mesh({"core": _group({
-        "a": foreign(free_port()),
-        "b": foreign(free_port(), deps=["a"]),
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "a": foreign(free_port()),
+                    "b": foreign(free_port(), deps=["a"]),
+                }
+            )
+        }
+    )
     mutate(mesh.config)
     mesh.write()
     proc = mesh.up()
@@ -81,15 +96,30 @@ def test_invalid_config_exits_2_with_the_exact_message_and_starts_nothing(
 
 def test_check_config_reports_every_broken_agent(make_mesh: Any, tmp_path: Path) -> None:
     pkg = tmp_path / "mesh0" / "brokenpkg"
-    mesh = make_mesh({"core": _group({
-        "good": foreign(free_port()),
-        "syntax": {"module": "brokenpkg.bad", "health_check_port": free_port(),
-                   "metrics_port": 0},
-        "missing": {"module": "no_such_module_xyz", "health_check_port": free_port(),
-                    "metrics_port": 0},
-        "nocmd": {"command": ["/nonexistent/agent"], "health_check_port": free_port(),
-                  "metrics_port": 0},
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "good": foreign(free_port()),
+                    "syntax": {
+                        "module": "brokenpkg.bad",
+                        "health_check_port": free_port(),
+                        "metrics_port": 0,
+                    },
+                    "missing": {
+                        "module": "no_such_module_xyz",
+                        "health_check_port": free_port(),
+                        "metrics_port": 0,
+                    },
+                    "nocmd": {
+                        "command": ["/nonexistent/agent"],
+                        "health_check_port": free_port(),
+                        "metrics_port": 0,
+                    },
+                }
+            )
+        }
+    )
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "bad.py").write_text("def broken(:\n    pass\n")
@@ -99,19 +129,27 @@ def test_check_config_reports_every_broken_agent(make_mesh: Any, tmp_path: Path)
     assert "3 problem(s)" in err
     assert "agent_groups.core.agents.syntax.module:" in err and "invalid syntax" in err
     assert "agent_groups.core.agents.missing.module: module 'no_such_module_xyz' not found" in err
-    assert "agent_groups.core.agents.nocmd.command: command '/nonexistent/agent' does not exist" in err
+    assert (
+        "agent_groups.core.agents.nocmd.command: command '/nonexistent/agent' does not exist" in err
+    )
 
 
 # -- startup ordering --------------------------------------------------------------------
 
 
 def test_diamond_starts_in_dependency_order_with_siblings_in_parallel(make_mesh: Any) -> None:
-    mesh = make_mesh({"core": _group({
-        "top": foreign(free_port()),
-        "left": foreign(free_port(), deps=["top"], delay_s=0.4),
-        "right": foreign(free_port(), deps=["top"], delay_s=0.4),
-        "bottom": foreign(free_port(), deps=["left", "right"]),
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "top": foreign(free_port()),
+                    "left": foreign(free_port(), deps=["top"], delay_s=0.4),
+                    "right": foreign(free_port(), deps=["top"], delay_s=0.4),
+                    "bottom": foreign(free_port(), deps=["left", "right"]),
+                }
+            )
+        }
+    )
     mesh.up()
     mesh.wait_states({n: "HEALTHY" for n in ("top", "left", "right", "bottom")})
     first = mesh.first
@@ -137,8 +175,11 @@ def test_sigkilled_agent_is_restarted_and_healthy_again(make_mesh: Any) -> None:
     assert before is not None and before.pid > 0
     killed_at = time.monotonic()
     psutil.Process(before.pid).kill()
-    wait_until(lambda: (s := mesh.agent("a")) and s.pid not in (0, before.pid)
-               and s.state == 3, 10, "a new healthy process")  # 3: AGENT_STATE_HEALTHY
+    wait_until(
+        lambda: (s := mesh.agent("a")) and s.pid not in (0, before.pid) and s.state == 3,
+        10,
+        "a new healthy process",
+    )  # 3: AGENT_STATE_HEALTHY
     after = mesh.agent("a")
     assert after is not None and after.restarts == 1
     assert time.monotonic() - killed_at < 10
@@ -149,13 +190,21 @@ def test_crash_loop_backs_off_then_opens_breaker_and_reports_it(
     make_mesh: Any, system_nats_url: str
 ) -> None:
     mesh = make_mesh(
-        {"core": _group({
-            "steady": foreign(free_port()),
-            "flaky": foreign(free_port(), mode="exit_after_ready", required=False),
-        })},
+        {
+            "core": _group(
+                {
+                    "steady": foreign(free_port()),
+                    "flaky": foreign(free_port(), mode="exit_now", required=False),
+                }
+            )
+        },
         settings={
-            "health_check": {"interval_s": 0.1, "timeout_s": 0.5, "retries": 3,
-                             "start_period_s": 5},
+            "health_check": {
+                "interval_s": 0.1,
+                "timeout_s": 0.5,
+                "retries": 3,
+                "start_period_s": 5,
+            },
             "restart": {"policy": "always", "backoff_initial_s": 0.2, "backoff_max_s": 5},
             "circuit_breaker": {"failure_threshold": 4, "window_s": 60, "reset_timeout_s": 3},
             "stop_grace_s": 2,
@@ -165,19 +214,22 @@ def test_crash_loop_backs_off_then_opens_breaker_and_reports_it(
 
     async def collect() -> None:
         nc = await nats.connect(system_nats_url)
+        breaker_seen = asyncio.Event()
 
         async def on_msg(msg: Any) -> None:
-            seen.append({"subject": msg.subject, **json.loads(msg.data)})
+            event = {"subject": msg.subject, **json.loads(msg.data)}
+            seen.append(event)
+            if (
+                event.get("error_type") == "CircuitBreakerOpen"
+                and event["details"]["agent"] == "flaky"
+            ):
+                breaker_seen.set()
 
         await nc.subscribe("errors.mainpc.critical.supervisor", cb=on_msg)
         await nc.subscribe("events.agent.flaky.*", cb=on_msg)
         mesh.up()
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and not any(
-            e.get("error_type") == "CircuitBreakerOpen" and e["details"]["agent"] == "flaky"
-            for e in seen
-        ):
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(breaker_seen.wait(), timeout=40)
         await nc.drain()
 
     asyncio.run(collect())
@@ -187,11 +239,17 @@ def test_crash_loop_backs_off_then_opens_breaker_and_reports_it(
     assert status is not None
     assert status.state == 7 and status.breaker_state == 2, status  # FAILED, OPEN
     assert "circuit breaker open" in status.message
-    starts = [r.at for r in mesh.records() if r.event == "start" and r.agent == "flaky"]
-    assert len(starts) == 4  # threshold reached: no fifth start while open
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    # Exponential backoff with jitter: the last gap exceeds the first by a wide margin.
-    assert gaps[-1] > gaps[0]
+    assert mesh.count("start", "flaky") == 4  # threshold reached: no fifth start while open
+    # The backoffs the supervisor announced grow: restart k waits within
+    # [0.5, 1] x 0.2 s x 2^(k-1) (half jitter), so the third exceeds the first.
+    delays = [
+        float(re.search(r"in ([0-9.]+)s", e["reason"]).group(1))  # type: ignore[union-attr]
+        for e in seen
+        if e["subject"] == "events.agent.flaky.backoff"
+    ]
+    assert len(delays) == 3, delays
+    for k, delay in enumerate(delays, start=1):
+        assert 0.1 * 2 ** (k - 1) <= delay <= 0.2 * 2 ** (k - 1), delays
     failed_events = [e for e in seen if e["subject"] == "events.agent.flaky.failed"]
     assert failed_events
     # After the reset timeout one trial start happens (half-open).
@@ -206,12 +264,23 @@ def test_crash_loop_backs_off_then_opens_breaker_and_reports_it(
 
 def test_required_agent_that_never_answers_fails_startup_with_exit_3(make_mesh: Any) -> None:
     mesh = make_mesh(
-        {"core": _group({
-            "base": foreign(free_port()),
-            "mute": foreign(free_port(), mode="silent", deps=["base"]),
-        })},
-        settings={"health_check": {"interval_s": 0.1, "timeout_s": 0.2, "retries": 2,
-                                   "start_period_s": 0.5}, "stop_grace_s": 1},
+        {
+            "core": _group(
+                {
+                    "base": foreign(free_port()),
+                    "mute": foreign(free_port(), mode="silent", deps=["base"]),
+                }
+            )
+        },
+        settings={
+            "health_check": {
+                "interval_s": 0.1,
+                "timeout_s": 0.2,
+                "retries": 2,
+                "start_period_s": 0.5,
+            },
+            "stop_grace_s": 1,
+        },
     )
     proc = mesh.up()
     assert proc.wait(timeout=60) == 3
@@ -225,14 +294,25 @@ def test_optional_agent_that_never_answers_is_failed_and_its_dependents_skipped(
     make_mesh: Any,
 ) -> None:
     mesh = make_mesh(
-        {"core": _group({
-            "base": foreign(free_port()),
-            "mute": foreign(free_port(), mode="silent", required=False),
-            "child": foreign(free_port(), deps=["mute"], required=False),
-        })},
-        settings={"health_check": {"interval_s": 0.1, "timeout_s": 0.2, "retries": 2,
-                                   "start_period_s": 0.5},
-                  "restart": {"policy": "never"}, "stop_grace_s": 1},
+        {
+            "core": _group(
+                {
+                    "base": foreign(free_port()),
+                    "mute": foreign(free_port(), mode="silent", required=False),
+                    "child": foreign(free_port(), deps=["mute"], required=False),
+                }
+            )
+        },
+        settings={
+            "health_check": {
+                "interval_s": 0.1,
+                "timeout_s": 0.2,
+                "retries": 2,
+                "start_period_s": 0.5,
+            },
+            "restart": {"policy": "never"},
+            "stop_grace_s": 1,
+        },
     )
     mesh.up()
     mesh.wait_states({"base": "HEALTHY", "mute": "FAILED", "child": "SKIPPED"})
@@ -265,10 +345,16 @@ def test_agent_ignoring_sigterm_is_sigkilled_after_grace(make_mesh: Any) -> None
 
 
 def test_sigint_during_startup_tears_down_without_orphans(make_mesh: Any) -> None:
-    mesh = make_mesh({"core": _group({
-        "a": foreign(free_port()),
-        "slow": foreign(free_port(), deps=["a"], delay_s=30),
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "a": foreign(free_port()),
+                    "slow": foreign(free_port(), deps=["a"], delay_s=30),
+                }
+            )
+        }
+    )
     mesh.up()
     wait_until(lambda: mesh.count("start", "slow"), 20, "slow to start")
     pids = mesh.agent_pids()
@@ -278,10 +364,16 @@ def test_sigint_during_startup_tears_down_without_orphans(make_mesh: Any) -> Non
 
 
 def test_sigkill_of_the_supervisor_leaves_no_agent_alive(make_mesh: Any) -> None:
-    mesh = make_mesh({"core": _group({
-        "a": foreign(free_port()),
-        "stubborn": foreign(free_port(), mode="ignore_sigterm", deps=["a"]),
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "a": foreign(free_port()),
+                    "stubborn": foreign(free_port(), mode="ignore_sigterm", deps=["a"]),
+                }
+            )
+        }
+    )
     proc = mesh.up()
     mesh.wait_states({"a": "HEALTHY", "stubborn": "HEALTHY"})
     pids = mesh.agent_pids()
@@ -292,11 +384,17 @@ def test_sigkill_of_the_supervisor_leaves_no_agent_alive(make_mesh: Any) -> None
 
 
 def test_shutdown_stops_agents_in_reverse_dependency_order(make_mesh: Any) -> None:
-    mesh = make_mesh({"core": _group({
-        "db": foreign(free_port()),
-        "api": foreign(free_port(), deps=["db"]),
-        "web": foreign(free_port(), deps=["api"]),
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "db": foreign(free_port()),
+                    "api": foreign(free_port(), deps=["db"]),
+                    "web": foreign(free_port(), deps=["api"]),
+                }
+            )
+        }
+    )
     mesh.up()
     mesh.wait_states({"db": "HEALTHY", "api": "HEALTHY", "web": "HEALTHY"})
     result = mesh.cli("down")
@@ -322,8 +420,11 @@ def test_status_restart_and_logs_through_the_cli(make_mesh: Any) -> None:
     assert table.returncode == 0 and "HEALTHY" in table.stdout
     old_pid = agent["pid"]
     assert mesh.cli("restart", "a").returncode == 0
-    wait_until(lambda: (s := mesh.agent("a")) and s.pid not in (0, old_pid) and s.state == 3,
-               10, "a restarted")
+    wait_until(
+        lambda: (s := mesh.agent("a")) and s.pid not in (0, old_pid) and s.state == 3,
+        10,
+        "a restarted",
+    )
     logs = mesh.cli("logs", "a")
     assert logs.returncode == 0 and "[supervisor" in logs.stdout and "starting:" in logs.stdout
     unknown = mesh.cli("restart", "nope")
@@ -339,10 +440,16 @@ def test_cli_without_a_running_supervisor_says_so(make_mesh: Any) -> None:
 
 
 def test_restart_dependents_restarts_them_after_the_dependency_is_back(make_mesh: Any) -> None:
-    mesh = make_mesh({"core": _group({
-        "base": foreign(free_port(), restart_dependents=True),
-        "user": foreign(free_port(), deps=["base"]),
-    })})
+    mesh = make_mesh(
+        {
+            "core": _group(
+                {
+                    "base": foreign(free_port(), restart_dependents=True),
+                    "user": foreign(free_port(), deps=["base"]),
+                }
+            )
+        }
+    )
     mesh.up()
     mesh.wait_states({"base": "HEALTHY", "user": "HEALTHY"})
     base = mesh.agent("base")
@@ -350,8 +457,10 @@ def test_restart_dependents_restarts_them_after_the_dependency_is_back(make_mesh
     psutil.Process(base.pid).kill()
     wait_until(lambda: mesh.count("start", "user") >= 2, 15, "user restarted")
     mesh.wait_states({"base": "HEALTHY", "user": "HEALTHY"})
-    assert mesh.first("ready", "base") < [r.at for r in mesh.records()
-                                            if r.event == "start" and r.agent == "user"][1]
+    assert (
+        mesh.first("ready", "base")
+        < [r.at for r in mesh.records() if r.event == "start" and r.agent == "user"][1]
+    )
     assert mesh.stop() == 0
 
 
@@ -384,15 +493,20 @@ def test_embedded_infra_on_other_ports_brings_up_an_agent(make_mesh: Any, tmp_pa
     """No NATS or Redis where the config points: `embedded: auto` starts the bundled ones."""
     nats_port, redis_port = free_port(), free_port()
     mesh = make_mesh({"core": _group({"a": foreign(free_port())})}, embedded="auto")
-    mesh.config["infra"] = {"nats_url": f"nats://127.0.0.1:{nats_port}",
-                            "redis_url": f"redis://127.0.0.1:{redis_port}/0", "embedded": "auto"}
+    mesh.config["infra"] = {
+        "nats_url": f"nats://127.0.0.1:{nats_port}",
+        "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+        "embedded": "auto",
+    }
     mesh.write()
     mesh.up()
     mesh.wait_states({"a": "HEALTHY"}, timeout_s=40)
     server_pids = {
-        p.pid for p in psutil.process_iter(["cmdline"])
-        if any(str(nats_port) in part or str(redis_port) in part
-               for part in (p.info["cmdline"] or []))
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any(
+            str(nats_port) in part or str(redis_port) in part for part in (p.info["cmdline"] or [])
+        )
     }
     assert server_pids, "embedded servers not found"
     assert mesh.stop() == 0
@@ -401,9 +515,11 @@ def test_embedded_infra_on_other_ports_brings_up_an_agent(make_mesh: Any, tmp_pa
 
 def test_infra_unreachable_and_not_embeddable_exits_4(make_mesh: Any) -> None:
     mesh = make_mesh({"core": _group({"a": foreign(free_port())})})
-    mesh.config["infra"] = {"nats_url": f"nats://127.0.0.1:{free_port()}",
-                            "redis_url": f"redis://127.0.0.1:{free_port()}/0",
-                            "embedded": "never"}
+    mesh.config["infra"] = {
+        "nats_url": f"nats://127.0.0.1:{free_port()}",
+        "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+        "embedded": "never",
+    }
     mesh.write()
     proc = mesh.up()
     assert proc.wait(timeout=60) == 4

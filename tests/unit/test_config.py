@@ -30,18 +30,29 @@ def _base() -> dict[str, Any]:
             "core": {
                 "machine": "mainpc",
                 "agents": {
-                    "registry": {"module": "services.registry", "port": 50051,
-                                 "health_check_port": 50151},
-                    "router": {"module": "services.router", "port": 50052,
-                               "health_check_port": 50152, "dependencies": ["registry"]},
+                    "registry": {
+                        "module": "services.registry",
+                        "port": 50051,
+                        "health_check_port": 50151,
+                    },
+                    "router": {
+                        "module": "services.router",
+                        "port": 50052,
+                        "health_check_port": 50152,
+                        "dependencies": ["registry"],
+                    },
                 },
             },
             "gpu": {
                 "machine": "pc2",
                 "agents": {
-                    "trainer": {"command": ["/bin/trainer"], "health_check_port": 50153,
-                                "dependencies": ["registry"], "restart": {"policy": "always"},
-                                "health_check": {"retries": 7}},
+                    "trainer": {
+                        "command": ["/bin/trainer"],
+                        "health_check_port": 50153,
+                        "dependencies": ["registry"],
+                        "restart": {"policy": "always"},
+                        "health_check": {"retries": 7},
+                    },
                 },
             },
         },
@@ -193,7 +204,9 @@ def test_all_problems_are_reported_at_once() -> None:
 def test_resources_take_one_budget_only() -> None:
     data = _base()
     data["agent_groups"]["gpu"]["agents"]["trainer"]["resources"] = {
-        "vram_budget_pct": 50, "vram_limit_mb": 1000}
+        "vram_budget_pct": 50,
+        "vram_limit_mb": 1000,
+    }
     (problem,) = _problems(data)
     assert problem.startswith("agent_groups.gpu.agents.trainer.resources: give either")
 

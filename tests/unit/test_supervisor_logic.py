@@ -63,8 +63,9 @@ def test_backoff_grows_and_is_capped() -> None:
     rng = random.Random(7)
     means = []
     for attempt in range(8):
-        delays = [decide_restart(settings, ExitCause.EXITED, 1, attempt, rng).delay_s
-                  for _ in range(200)]
+        delays = [
+            decide_restart(settings, ExitCause.EXITED, 1, attempt, rng).delay_s for _ in range(200)
+        ]
         assert max(delays) <= 8
         means.append(sum(delays) / len(delays))
     assert means[3] > means[0] * 3  # exponential growth on average
