@@ -42,6 +42,7 @@ proto: $(VENV)
 	$(PY) tools/gen_proto.py
 
 bench: $(VENV)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,bench]'
 	$(PY) -m bench
 
 constraints: $(VENV)
