@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import importlib.metadata
 import ipaddress
 import json
@@ -48,6 +46,7 @@ from redis.retry import Retry
 from common.config import InfraConfig
 from common.errors import InvalidArgumentError, UnavailableError
 from common.logging import get_logger
+from common.process import die_with_parent
 
 __all__ = [
     "NATS_PACKAGE",
@@ -413,35 +412,6 @@ def redis_auth_config(username: str | None, password: str | None) -> str:
 # --------------------------------------------------------------------------- processes
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    prctl: Callable[..., int] = libc.prctl
-    return prctl
-
-
-# Loaded once in the parent: the child between fork and exec should do as little as possible.
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    def setup() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        # The parent may have died before prctl took effect; then no signal will come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return setup
-
-
 def _port_is_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -647,8 +617,8 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,
-                # No other way to set the parent-death signal; the hook only calls prctl.
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+                # SIGTERM, not SIGKILL: the servers flush their data on it.
+                preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 -- prctl only
             )
         return proc, log_offset
 

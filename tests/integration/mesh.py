@@ -12,11 +12,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import psutil
@@ -24,22 +22,10 @@ import yaml
 
 from common.stubs import supervisor_pb2, supervisor_pb2_grpc
 from tests.ports import free_port
+from tests.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 FOREIGN = str(ROOT / "tests" / "agents" / "foreign_agent.py")
-T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.05) -> T:
-    """Poll `condition` until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last saw: {last!r}")
 
 
 @dataclass

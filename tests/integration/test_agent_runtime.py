@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.health import HealthStatus, check_health
 from common.stubs import compiler_pb2, compiler_pb2_grpc
-from tests.integration.mesh import ROOT, wait_until
+from tests.integration.mesh import ROOT
 from tests.ports import free_port
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +133,8 @@ def test_errors_map_to_status_codes_and_bugs_reach_the_error_bus(
 ) -> None:
     agent = agent_factory()
     agent.wait_healthy()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
     with agent.channel() as ch:
         stub = compiler_pb2_grpc.CompilerServiceStub(ch)
         with pytest.raises(grpc.RpcError) as not_found:
@@ -139,7 +142,11 @@ def test_errors_map_to_status_codes_and_bugs_reach_the_error_bus(
         assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
         assert "no kernel 'abc'" in not_found.value.details()
         with pytest.raises(grpc.RpcError) as internal:
-            stub.ListKernels(compiler_pb2.ListKernelsRequest(), timeout=5)
+            stub.ListKernels(
+                compiler_pb2.ListKernelsRequest(),
+                timeout=5,
+                metadata=[("traceparent", traceparent)],
+            )
         assert internal.value.code() == grpc.StatusCode.INTERNAL
         assert "sample bug" not in internal.value.details()  # no internals leak to callers
 
@@ -155,6 +162,8 @@ def test_errors_map_to_status_codes_and_bugs_reach_the_error_bus(
     event = asyncio.run(read_error())
     assert event["agent"] == agent.name and event["error_type"] == "RuntimeError"
     assert "ListKernels" in event["message"] and "sample bug" in event["stack_trace"]
+    # The caller's trace continues in the server, and the error event carries it.
+    assert event["trace_id"] == trace_id
     assert agent.stop() == 0
 
 

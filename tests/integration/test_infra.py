@@ -8,8 +8,7 @@ import signal
 import socket
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -29,6 +28,7 @@ from common.infra import (
     probe_redis,
 )
 from tests.ports import free_port
+from tests.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +40,6 @@ def _gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-async def _eventually(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} did not happen within {timeout_s} s")
-        await asyncio.sleep(0.05)
 
 
 def _children() -> set[int]:
@@ -356,7 +348,7 @@ async def test_embedded_server_dies_with_the_process_that_started_it(tmp_path: P
         assert os.getsid(server_pid) == server_pid
         parent.send_signal(signal.SIGKILL)
         await asyncio.wait_for(parent.wait(), 5)
-        await _eventually(lambda: _gone(server_pid), 5.0, f"nats-server {server_pid} exiting")
+        await eventually(lambda: _gone(server_pid), 5.0, f"nats-server {server_pid} exiting")
     finally:
         if parent.returncode is None:
             parent.kill()

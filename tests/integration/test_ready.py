@@ -8,7 +8,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,11 @@ from common.ready import (
     resolve_address,
 )
 from tests.ports import free_port
+from tests.wait import eventually
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} did not happen within {timeout_s} s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -159,7 +152,7 @@ async def test_heartbeat_refreshes_the_key(
             raw = await redis.get(key)
             return raw is not None and json.loads(raw)["timestamp"] != first
 
-        await _eventually(timestamp_changed, 3.0, "a refresh of the ready key")
+        await eventually(timestamp_changed, 3.0, "a refresh of the ready key")
         # Outliving the first TTL shows the refreshes also renew the expiry.
         outlived = time.monotonic() + 0.7
 
@@ -167,7 +160,7 @@ async def test_heartbeat_refreshes_the_key(
             assert await redis.exists(key), "the ready key lapsed while the heartbeat ran"
             return time.monotonic() >= outlived
 
-        await _eventually(outlived_first_ttl, 3.0, "the key outliving its first TTL")
+        await eventually(outlived_first_ttl, 3.0, "the key outliving its first TTL")
     finally:
         await hb.stop()
 
@@ -213,14 +206,14 @@ async def test_dead_agents_key_expires_by_itself(
             assert agent.returncode is None, f"agent exited with {agent.returncode}"
             return bool(await redis.exists(key))
 
-        await _eventually(key_set, 20.0, "the agent's ready key appearing")
+        await eventually(key_set, 20.0, "the agent's ready key appearing")
         agent.send_signal(signal.SIGKILL)
         await asyncio.wait_for(agent.wait(), 5)
 
         async def key_gone() -> bool:
             return not await redis.exists(key)
 
-        await _eventually(key_gone, 5.0, "the dead agent's key expiring")
+        await eventually(key_gone, 5.0, "the dead agent's key expiring")
     finally:
         if agent.returncode is None:
             agent.kill()
@@ -242,7 +235,7 @@ async def test_heartbeat_survives_redis_down_and_sets_key_once_it_is_up(
         async def retried() -> bool:
             return hb.consecutive_failures >= 3
 
-        await _eventually(retried, 5.0, "three failed attempts")
+        await eventually(retried, 5.0, "three failed attempts")
         assert not hb.connected
 
         await server.start()
@@ -252,7 +245,7 @@ async def test_heartbeat_survives_redis_down_and_sets_key_once_it_is_up(
             async def key_set() -> bool:
                 return bool(await client.exists(ready_key(unique_name)))
 
-            await _eventually(key_set, 5.0, "the ready key appearing once Redis is up")
+            await eventually(key_set, 5.0, "the ready key appearing once Redis is up")
             assert hb.connected
             assert hb.consecutive_failures == 0
             assert hb.last_error is None

@@ -16,8 +16,9 @@ import nats
 import psutil
 import pytest
 
-from tests.integration.mesh import Mesh, foreign, wait_until
+from tests.integration.mesh import Mesh, foreign
 from tests.ports import free_port
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
