@@ -1,8 +1,10 @@
 """The blueprint compiler agent: blueprints (a small IR of whitelisted ops) -> validated,
 content-addressed `torch.export` kernels that a trainer grafts into seed slots.
 
-The pure core lives in the modules below; this package re-exports its public API.
-See `services/compiler/README.md` for the artifact format and how to load a kernel.
+The core lives in the modules below and this package re-exports its public API;
+`service.py` is the gRPC servicer and `python -m services.compiler` runs the agent.
+Kernels are loaded with `common.kernels.load_kernel` (no service imports this
+package). See `services/compiler/README.md` for the artifact format.
 """
 
 from services.compiler.blueprint import (
@@ -29,16 +31,7 @@ from services.compiler.compiler import (
     KernelMetadata,
     KernelRejectedError,
 )
-from services.compiler.export import (
-    FORMAT_VERSION,
-    check_archive,
-    export_kernel,
-    kernel_id,
-    kernel_info,
-    load_kernel,
-    sha256_hex,
-    streamline,
-)
+from services.compiler.export import FORMAT_VERSION, export_kernel, kernel_id
 from services.compiler.kernel_store import (
     CompiledArtifact,
     FileKernelStore,
@@ -83,18 +76,13 @@ __all__ = [
     "analyse_blueprint",
     "build_module",
     "canonical_json",
-    "check_archive",
     "count_parameters",
     "export_kernel",
     "get_blueprint",
     "kernel_id",
-    "kernel_info",
     "list_catalogue",
-    "load_kernel",
     "parse_blueprint",
     "parse_slot",
-    "sha256_hex",
     "slot_shape",
-    "streamline",
     "validate_kernel",
 ]

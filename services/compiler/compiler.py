@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from common.kernels import sha256_hex
 from services.compiler.blueprint import (
     Blueprint,
     BlueprintAnalysis,
@@ -31,7 +32,7 @@ from services.compiler.blueprint import (
 )
 from services.compiler.build import build_module
 from services.compiler.catalogue import CatalogueEntry, list_catalogue
-from services.compiler.export import FORMAT_VERSION, export_kernel, kernel_id, sha256_hex
+from services.compiler.export import FORMAT_VERSION, export_kernel, kernel_id
 from services.compiler.kernel_store import (
     CompiledArtifact,
     KernelEntry,

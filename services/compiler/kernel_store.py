@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.errors import InvalidArgumentError, ResourceExhaustedError
+from common.kernels import sha256_hex
 from common.logging import get_logger
-from services.compiler.export import sha256_hex
 
 __all__ = [
     "CompiledArtifact",

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from services.compiler.export import load_kernel
+from common.kernels import load_kernel
 
 __all__ = ["CheckResult", "ValidationReport", "ValidationSettings", "validate_kernel"]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from common.kernels import load_kernel
 from services.compiler.blueprint import (
     Conv2dSlot,
     LinearSlot,
@@ -14,7 +15,6 @@ from services.compiler.blueprint import (
 )
 from services.compiler.build import build_module
 from services.compiler.catalogue import CATALOGUE, get_blueprint, list_catalogue
-from services.compiler.export import load_kernel
 from tests.unit.compiler.conftest import CATALOGUE_CASES, SMALL_SLOTS, CompiledCatalogue
 
 

@@ -16,10 +16,10 @@ from common.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from common.kernels import load_kernel
 from services.compiler.blueprint import LinearSlot, parse_blueprint
 from services.compiler.catalogue import CATALOGUE, get_blueprint
 from services.compiler.compiler import BlueprintCompiler, KernelRejectedError
-from services.compiler.export import load_kernel
 from services.compiler.kernel_store import FileKernelStore
 from tests.unit.compiler.conftest import FAST_VALIDATION
 

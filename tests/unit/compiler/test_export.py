@@ -1,20 +1,17 @@
-"""Export and load: deterministic bytes, checks before parsing, no pickle, trainable kernels."""
+"""Export: deterministic bytes, ids from the inputs, archives that load without pickle."""
 
 from __future__ import annotations
 
 import io
-import pickle
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from common.errors import IntegrityError
+from common.kernels import check_archive, kernel_info, load_kernel, sha256_hex
 from services.compiler.blueprint import (
     Blueprint,
     Conv2dSlot,
@@ -24,14 +21,8 @@ from services.compiler.blueprint import (
 )
 from services.compiler.build import build_module
 from services.compiler.catalogue import get_blueprint
-from services.compiler.export import (
-    check_archive,
-    export_kernel,
-    kernel_id,
-    kernel_info,
-    load_kernel,
-    sha256_hex,
-)
+from services.compiler.export import export_kernel, kernel_id
+from tests.unit.test_kernels import NoUnpickling
 
 SLOT = LinearSlot(features=8)
 IMAGE = Conv2dSlot(channels=4, height=5, width=5)
@@ -74,79 +65,14 @@ def test_kernel_id_is_derived_from_the_inputs_only() -> None:
     assert kernel_id(other, other_slot.model_dump(), **same) != first  # type: ignore[arg-type]
 
 
-def test_checksum_mismatch_is_refused_before_parsing(mlp_artifact: bytes) -> None:
-    wrong = "0" * 64
-    with pytest.raises(IntegrityError, match="checksum mismatch"):
-        load_kernel(mlp_artifact, wrong)
-    garbage = b"not a kernel at all"
-    with pytest.raises(IntegrityError, match="checksum mismatch"):
-        load_kernel(garbage, sha256_hex(mlp_artifact))
-    with pytest.raises(IntegrityError, match="not a PT2 archive"):
-        load_kernel(garbage, sha256_hex(garbage))
-
-
-def test_truncated_archive_is_refused(mlp_artifact: bytes) -> None:
-    cut = mlp_artifact[: len(mlp_artifact) // 2]
-    with pytest.raises(IntegrityError):
-        load_kernel(cut, sha256_hex(cut))
-
-
-class _NoUnpickling:
-    """Makes every way torch.export.load could unpickle fail, and counts the attempts."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.attempts: list[str] = []
-
-        def forbid(name: str) -> Any:
-            def refuse(*args: Any, **kwargs: Any) -> Any:
-                how = f"(weights_only={kwargs['weights_only']})" if "weights_only" in kwargs else ""
-                self.attempts.append(name + how)
-                raise AssertionError(f"{name} called while loading a kernel")
-
-            return refuse
-
-        monkeypatch.setattr(torch, "load", forbid("torch.load"))
-        monkeypatch.setattr(pickle, "load", forbid("pickle.load"))
-        monkeypatch.setattr(pickle, "loads", forbid("pickle.loads"))
-        monkeypatch.setattr(pickle, "Unpickler", forbid("pickle.Unpickler"))
-        monkeypatch.setattr(torch._C, "_pickle_load_obj", forbid("torch._C._pickle_load_obj"))
-
-
-def test_loading_a_kernel_never_unpickles(
+def test_exported_kernel_passes_the_archive_check_and_loads_without_unpickling(
     mlp_artifact: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    guard = _NoUnpickling(monkeypatch)
+    check_archive(mlp_artifact)
+    guard = NoUnpickling(monkeypatch)
     kernel = load_kernel(mlp_artifact, sha256_hex(mlp_artifact))
     kernel(torch.randn(3, 8)).sum().backward()
     assert guard.attempts == []
-
-
-def test_default_torch_export_save_would_unpickle(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The guard above can fail: a program saved the default way reaches torch.load for its
-    # example inputs, and when the restricted unpickler fails, falls back to a full unpickle.
-    program = torch.export.export(nn.Linear(8, 8), (torch.zeros(2, 8),))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    data = buffer.getvalue()
-    with pytest.raises(IntegrityError, match="pickled example inputs"):
-        check_archive(data)
-    guard = _NoUnpickling(monkeypatch)
-    with pytest.raises(AssertionError, match=r"torch\.load called"):
-        torch.export.load(io.BytesIO(data))
-    assert guard.attempts == ["torch.load(weights_only=True)", "torch.load(weights_only=False)"]
-
-
-def test_archive_with_unexpected_entries_is_refused(mlp_artifact: bytes) -> None:
-    buffer = io.BytesIO()
-    with (
-        zipfile.ZipFile(io.BytesIO(mlp_artifact)) as source,
-        zipfile.ZipFile(buffer, "w") as target,
-    ):
-        for item in source.infolist():
-            target.writestr(item, source.read(item))
-        target.writestr("archive/data/constants/custom_obj_0", b"\x80\x02}q\x00.")
-    with pytest.raises(IntegrityError, match="unexpected entry"):
-        check_archive(buffer.getvalue())
 
 
 def test_loaded_kernel_has_a_dynamic_batch_and_matches_eager(mlp_artifact: bytes) -> None:
@@ -159,41 +85,6 @@ def test_loaded_kernel_has_a_dynamic_batch_and_matches_eager(mlp_artifact: bytes
     for batch in (1, 7, 64):
         x = torch.randn(batch, 8)
         torch.testing.assert_close(kernel(x), eager(x))
-
-
-def test_loaded_kernel_trains(mlp_artifact: bytes) -> None:
-    kernel = load_kernel(mlp_artifact, sha256_hex(mlp_artifact))
-    assert all(p.requires_grad for p in kernel.parameters())
-    x, target = torch.randn(16, 8), torch.randn(16, 8)
-    before = kernel(x).detach()
-    assert before.abs().max() == 0  # the catalogue's zero start
-    optimiser = torch.optim.SGD(kernel.parameters(), lr=0.1)
-    loss = (kernel(x) - target).square().mean()
-    loss.backward()
-    optimiser.step()
-    assert (kernel(x) - before).abs().max() > 0
-
-
-def test_streamlined_kernel_computes_what_the_exported_program_computes(
-    mlp_artifact: bytes,
-) -> None:
-    kernel = load_kernel(mlp_artifact, sha256_hex(mlp_artifact))
-    program = torch.export.load(io.BytesIO(mlp_artifact)).module()
-    with torch.no_grad():
-        for param in kernel.parameters():
-            param.normal_()
-    program.load_state_dict(kernel.state_dict())
-    x = torch.randn(5, 8)
-    torch.testing.assert_close(kernel(x), program(x))
-    assert not kernel._forward_pre_hooks
-
-
-def test_host_with_a_grafted_kernel_can_switch_modes(mlp_artifact: bytes) -> None:
-    host = nn.Sequential(nn.Linear(8, 8), load_kernel(mlp_artifact, sha256_hex(mlp_artifact)))
-    host.eval()
-    assert not host[1].training
-    host.train()
-    assert host[1].training
 
 
 def test_eval_kernel_uses_running_statistics_learnt_by_the_training_kernel() -> None:
