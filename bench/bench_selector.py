@@ -11,6 +11,12 @@
     MABWiser with the same strategy and parameters. Both start with one pull of every
     arm. MABWiser runs per step while it fits the time budget; otherwise it switches
     to batched `partial_fit` and says so. Target: ours no worse.
+(c) The agent: Select + Report through real gRPC to `python -m services.seed_selector`
+    (started here on embedded NATS and Redis, stopped by its PID), the client on a
+    `common.channels` channel as the trainer has; baseline in the same run: the
+    same `SeedSelector` in process on the same Redis, and the transport's floor: two
+    `grpc.health.v1` Check calls to the same agent (same interceptors, no work).
+    Target: cycle p99 <= 3 ms.
 
 Run with `python -m bench selector`.
 """
@@ -20,19 +26,32 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from grpc_health.v1 import health_pb2
 
+from common.channels import open_channel
+from common.health import HealthStatus, check_health
+from common.infra import EmbeddedServer
+from common.process import die_with_parent, wait_exit
+from common.stubs import common_pb2, seed_selector_pb2, seed_selector_pb2_grpc
 from services.seed_selector import (
     Arm,
     ArmOffer,
     DecayConfig,
     InMemorySelectorStore,
     JobTracker,
+    RedisSelectorStore,
     SeedSelector,
     SelectorConfig,
     SelectorCore,
@@ -40,6 +59,7 @@ from services.seed_selector import (
     StrategyParams,
     choose,
 )
+from tests.ports import free_port
 
 N_SLOTS, N_BLUEPRINTS = 5, 4
 FEATURES = ("grad_norm", "activation_variance", "plateau_length", "loss_delta")
@@ -60,6 +80,13 @@ REGRET_PULLS = 10_000
 REGRET_SEEDS = 20
 MAB_REGRET_BUDGET_S = 90.0  # all MABWiser regret runs together
 CONSTANT_EPSILON = 0.1
+
+AGENT_CYCLES = 3000
+AGENT_ROUNDS = 3
+AGENT_START_S = 60.0
+AGENT_STOP_S = 15.0
+AGENT_P99_TARGET_MS = 3.0
+_ROOT = Path(__file__).resolve().parents[1]
 
 _MAB_POLICY = {
     Strategy.UCB1: "UCB1",
@@ -397,9 +424,182 @@ def _report_regret() -> None:
     )
 
 
+# -- (c) the agent over gRPC ---------------------------------------------------------------
+
+
+def _proto_arms() -> list[seed_selector_pb2.Arm]:
+    features = dict.fromkeys(FEATURES, 0.5)
+    return [
+        seed_selector_pb2.Arm(
+            slot_id=o.slot_id,
+            blueprint=o.blueprint,
+            added_params=o.added_params,
+            slot_state=common_pb2.SEED_STATE_DORMANT,
+            slot_features=features,
+        )
+        for o in OFFERS
+    ]
+
+
+async def _start_agent(
+    run_dir: Path, nats_url: str, redis_url: str
+) -> tuple[asyncio.subprocess.Process, int]:
+    """The agent process and its gRPC port, once its health check says healthy."""
+    port, health_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "GRAFTMESH_AGENT": "bench-selector",
+        "GRAFTMESH_MACHINE": "bench",
+        "GRAFTMESH_HOST": "127.0.0.1",
+        "GRAFTMESH_PORT": str(port),
+        "GRAFTMESH_HEALTH_PORT": str(health_port),
+        "GRAFTMESH_METRICS_PORT": "0",
+        "GRAFTMESH_NATS_URL": nats_url,
+        "GRAFTMESH_REDIS_URL": redis_url,
+        "GRAFTMESH_RUN_DIR": str(run_dir),
+        "GRAFTMESH_LOG_LEVEL": "WARNING",
+        "SEED_SELECTOR_KEY_PREFIX": "bench:agent:",
+    }
+    env.pop("GRAFTMESH_CONFIG", None)
+    with (run_dir / "agent.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.seed_selector",
+            cwd=_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),
+        )
+    deadline = time.monotonic() + AGENT_START_S
+    while time.monotonic() < deadline and proc.returncode is None:
+        result = await check_health("127.0.0.1", health_port, 0.5)
+        if result.status is HealthStatus.HEALTHY:
+            return proc, port
+        await asyncio.sleep(0.05)
+    await _stop_agent(proc)
+    tail = (run_dir / "agent.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"the selector agent did not become healthy:\n{tail}")
+
+
+async def _stop_agent(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the agent's PID, SIGKILL if it has not drained in time."""
+    if proc.returncode is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    if await wait_exit(proc, AGENT_STOP_S) is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def _timed_async(cycle: Callable[[int], Awaitable[None]], n: int) -> list[int]:
+    gc.collect()
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(n):
+        start = clock()
+        await cycle(i)
+        samples.append(clock() - start)
+    return samples
+
+
+async def _agent_cycles(redis_url: str, port: int) -> dict[str, tuple[float, float]]:
+    arms = _proto_arms()
+    request = seed_selector_pb2.SelectRequest(job_id="bench-grpc", arms=arms)
+    channel = open_channel(f"127.0.0.1:{port}")
+    stub = seed_selector_pb2_grpc.SeedSelectorServiceStub(channel)
+    store = RedisSelectorStore.from_url(redis_url, prefix="bench:inproc:")
+    selector = SeedSelector(store, SelectorConfig(strategy=Strategy.UCB1))
+    context = {o.slot_id: dict.fromkeys(FEATURES, 0.5) for o in OFFERS}
+
+    async def grpc_cycle(i: int) -> None:
+        response = await stub.Select(request, timeout=5)
+        report = seed_selector_pb2.ReportRequest(
+            decision_id=response.decision_id, reward=float(i % 3 == 0)
+        )
+        await stub.Report(report, timeout=5)
+
+    async def inproc_cycle(i: int) -> None:
+        decision = await selector.select("bench-inproc", OFFERS, context=context)
+        await selector.report(decision.decision_id, float(i % 3 == 0))
+
+    health_check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    check = health_pb2.HealthCheckRequest(service="")
+
+    async def floor_cycle(i: int) -> None:
+        await health_check(check, timeout=5)
+        await health_check(check, timeout=5)
+
+    cycles = {"grpc": grpc_cycle, "floor": floor_cycle, "in-process": inproc_cycle}
+    samples: dict[str, list[int]] = {label: [] for label in cycles}
+    try:
+        for cycle in cycles.values():
+            await _timed_async(cycle, WARMUP)
+        # Interleaved rounds, so that load from elsewhere hits them alike.
+        for _ in range(AGENT_ROUNDS):
+            for label, cycle in cycles.items():
+                samples[label] += await _timed_async(cycle, AGENT_CYCLES // AGENT_ROUNDS)
+        await stub.Reset(seed_selector_pb2.ResetRequest(all=True), timeout=5)
+    finally:
+        await channel.close()
+        await selector.reset(None, all_jobs=True)
+        await selector.aclose()
+    return {label: _pcts(values) for label, values in samples.items()}
+
+
+async def _agent_run() -> dict[str, tuple[float, float]]:
+    with tempfile.TemporaryDirectory(prefix="bench-selector-") as tmp:
+        run_dir = Path(tmp)
+        nats = EmbeddedServer.nats("127.0.0.1", free_port(), run_dir)
+        redis_port = free_port()
+        redis = EmbeddedServer.redis("127.0.0.1", redis_port, run_dir)
+        await asyncio.gather(nats.start(), redis.start())
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        try:
+            proc, port = await _start_agent(run_dir, nats.url, redis_url)
+            try:
+                return await _agent_cycles(redis_url, port)
+            finally:
+                await _stop_agent(proc)
+        finally:
+            await asyncio.gather(nats.stop(), redis.stop())
+
+
+def _report_agent() -> None:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"(c) agent: Select+Report, {len(OFFERS)} arms with {len(FEATURES)} features, ucb1, "
+        f"Redis write-through (embedded Redis on loopback), {AGENT_CYCLES} cycles per line in "
+        f"{AGENT_ROUNDS} interleaved rounds; machine load {load}"
+    )
+    res = asyncio.run(_agent_run())
+    grpc_p, floor_p, inproc_p = res["grpc"], res["floor"], res["in-process"]
+    verdict = "ok" if grpc_p[1] <= AGENT_P99_TARGET_MS else "MISS"
+    print(
+        f"latency agent  Select+Report through gRPC (agent process)   {_fmt(grpc_p)}"
+        f"   [p99<={AGENT_P99_TARGET_MS:g}ms: {verdict}]"
+    )
+    print(f"latency agent  2 x grpc.health Check (transport floor)     {_fmt(floor_p)}")
+    print(f"latency agent  SeedSelector select+report in process        {_fmt(inproc_p)}")
+    print(
+        f"ratio   agent  gRPC/in-process   p50 {grpc_p[0] / inproc_p[0]:5.2f}x  "
+        f"p99 {grpc_p[1] / inproc_p[1]:5.2f}x   (the cost of the agent's edge)"
+    )
+    print(
+        f"ratio   agent  gRPC/(floor + in-process)   p50 "
+        f"{grpc_p[0] / (floor_p[0] + inproc_p[0]):5.2f}x   (1.0: the edge adds nothing "
+        "beyond transport and the selector)"
+    )
+
+
 def main() -> None:
     _report_latency()
     _report_regret()
+    _report_agent()
 
 
 if __name__ == "__main__":

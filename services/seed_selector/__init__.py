@@ -8,6 +8,11 @@
 - `tracker`: per-arm evidence with exponential forgetting, JSON round trip;
 - `selector`: `SelectorCore` (synchronous decisions) and `SeedSelector` (with store);
 - `store`: the `SelectorStore` boundary, in memory and in Redis.
+
+The agent around it, `service` (`SeedSelectorService`, the gRPC servicer;
+`SeedSelectorAgent`; `build`, which `python -m services.seed_selector` runs), is
+imported from `services.seed_selector.service` and not re-exported here, so that
+in-process users of the selector do not load the gRPC agent runtime.
 """
 
 from services.seed_selector.eligibility import (
