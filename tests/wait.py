@@ -6,15 +6,17 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.05) -> T:
+def wait_until(
+    condition: Callable[[], T | None], timeout_s: float, what: str, poll_s: float = 0.05
+) -> T:
     """Poll `condition` until it returns something truthy; fail naming `what` and the last value."""
     deadline = time.monotonic() + timeout_s
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = condition()
         if last:
