@@ -280,17 +280,14 @@ class AgentWatcher:
             self.process.wait(), name=f"exit-{self.name}"
         )
         restart_wait: asyncio.Task[Any] = asyncio.create_task(self._restart_now.wait())
+        gate: asyncio.Task[Any] = asyncio.create_task(self._gate())
+        tasks = [exit_wait, restart_wait, gate]
         try:
-            gate: asyncio.Task[Any] = asyncio.create_task(self._gate())
-            done, _ = await asyncio.wait(
-                {gate, exit_wait, restart_wait}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if gate not in done:
-                gate.cancel()
-            if restart_wait in done:
+            await asyncio.wait({gate, exit_wait, restart_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if restart_wait.done():
                 await self._kill_process()
                 return None, None
-            if exit_wait in done:
+            if exit_wait.done():
                 code = self.last_exit_code = exit_wait.result()
                 self.process = None
                 self._note_gate_failure(f"exited with code {code} before it was ready")
@@ -301,14 +298,12 @@ class AgentWatcher:
                 return ExitCause.UNHEALTHY, None
             self._became_ready()
             live: asyncio.Task[Any] = asyncio.create_task(self._liveness())
-            done, _ = await asyncio.wait(
-                {live, exit_wait, restart_wait}, return_when=asyncio.FIRST_COMPLETED
-            )
-            live.cancel()
-            if restart_wait in done:
+            tasks.append(live)
+            await asyncio.wait({live, exit_wait, restart_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if restart_wait.done():
                 await self._kill_process()
                 return None, None
-            if exit_wait in done:
+            if exit_wait.done():
                 code = self.last_exit_code = exit_wait.result()
                 self.process = None
                 self._set(AgentState.BACKOFF, f"exited with code {code}")
@@ -316,7 +311,8 @@ class AgentWatcher:
             await self._kill_process()
             return ExitCause.UNHEALTHY, None
         finally:
-            for task in (exit_wait, restart_wait):
+            # Also on cancellation (stop): no check of this life may outlive it.
+            for task in tasks:
                 task.cancel()
 
     def _note_gate_failure(self, reason: str) -> None:

@@ -218,6 +218,16 @@ class Mesh:
                 continue
         return pids
 
+    def state_history(self, agent: str) -> list[str]:
+        """Every state the supervisor logged for `agent`, in order (from its JSON log)."""
+        log = self.root / "run" / "logs" / "supervisor.log"
+        states = []
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("event") == "agent state" and entry.get("agent") == agent:
+                states.append(entry["state"])
+        return states
+
     def status_json(self) -> dict[str, Any]:
         result = self.cli("status", "--json")
         assert result.returncode == 0, result.stderr

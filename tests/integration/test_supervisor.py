@@ -343,6 +343,9 @@ def test_agent_ignoring_sigterm_is_sigkilled_after_grace(make_mesh: Any) -> None
     assert took >= 2  # stop_grace_s passed before SIGKILL
     assert mesh.states()["stubborn"] == "STOPPED"
     assert mesh.stop() == 0
+    # Once stopped, nothing of its supervision went on (no late health check flipped it).
+    assert mesh.state_history("stubborn")[-1] == "STOPPED"
+    assert mesh.state_history("stubborn").count("STOPPED") == 1
 
 
 def test_sigint_during_startup_tears_down_without_orphans(make_mesh: Any) -> None:
