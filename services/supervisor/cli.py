@@ -1,5 +1,8 @@
 """The `graftmesh` command line.
 
+Each agent owns the client side of its own verbs (e.g. `services.alerts.cli`),
+imported lazily here; the supervisor process itself never imports them.
+
 Exit codes (a public contract): 0 success (also `up` after a clean shutdown on
 SIGINT/SIGTERM); 1 the command failed (e.g. no supervisor is running); 2 invalid
 configuration or usage; 3 a required agent failed to become healthy; 4
@@ -267,6 +270,28 @@ def _follow(path: Path) -> None:
             time.sleep(0.25)
     except KeyboardInterrupt:
         return
+
+
+@app.command()
+def alerts(
+    config: ConfigOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new alerts")
+    ] = False,
+    severity: Annotated[
+        str | None, typer.Option("--severity", "-s", help="this severity or worse")
+    ] = None,
+    last: Annotated[int, typer.Option("--last", "-n", help="recent alerts to show first")] = 20,
+    agent: Annotated[str | None, typer.Option("--agent", help="only this agent's")] = None,
+) -> None:
+    """Show the mesh's alerts (from the ALERTS stream on NATS), and follow new ones."""
+    # Each agent owns the client side of its verbs; the CLI only gathers them.
+    from services.alerts.cli import follow_alerts
+
+    cfg = _load(config)
+    raise typer.Exit(
+        follow_alerts(cfg.infra.nats_url, follow, severity, out, last=last, agent=agent)
+    )
 
 
 @app.command("check-config")
