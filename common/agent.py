@@ -40,6 +40,7 @@ from common.errors import ConfigError
 from common.grpc_server import GrpcServer
 from common.health import HealthResponder, HealthState
 from common.logging import get_logger, setup_logging
+from common.process import parent_is
 from common.ready import ReadyHeartbeat
 
 _log = get_logger(__name__)
@@ -252,6 +253,10 @@ def run(build: ServiceFactory, environ: Mapping[str, str] | None = None) -> None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    supervisor = (environ if environ is not None else os.environ).get("GRAFTMESH_SUPERVISOR_PID")
+    if not parent_is(int(supervisor) if supervisor else None):
+        print("error: the supervisor that started this agent is gone", file=sys.stderr)
+        sys.exit(1)
     setup_logging(env.agent, env.machine, level=os.environ.get("GRAFTMESH_LOG_LEVEL", "INFO"))
     tel = telemetry.setup_telemetry(
         env.agent, env.machine, metrics_port=env.metrics_port, metrics_host=env.host

@@ -46,7 +46,7 @@ from redis.retry import Retry
 from common.config import InfraConfig
 from common.errors import InvalidArgumentError, UnavailableError
 from common.logging import get_logger
-from common.process import die_with_parent
+from common.process import orphan_proof
 
 __all__ = [
     "NATS_PACKAGE",
@@ -608,17 +608,18 @@ class EmbeddedServer:
     def _spawn(self, cmd: list[str]) -> tuple[subprocess.Popen[bytes], int]:
         # Spawned here, in the caller's thread, not in a worker thread: the death
         # signal fires when the *thread* that forked the server exits.
+        # SIGTERM, not SIGKILL: the servers flush their data on it.
+        argv, preexec_fn = orphan_proof(cmd, signal.SIGTERM)
         with self.log_path.open("ab") as log:
             log_offset = log.tell()
             proc = subprocess.Popen(
-                cmd,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,
-                # SIGTERM, not SIGKILL: the servers flush their data on it.
-                preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 -- prctl only
+                preexec_fn=preexec_fn,  # noqa: PLW1509 -- prctl only, where no setpriv
             )
         return proc, log_offset
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import os
+import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -52,6 +55,46 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
             os._exit(1)
 
     return setup
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's `setpriv`, when it can set the parent-death signal (Linux only)."""
+    path = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if path is None:
+        return None
+    try:
+        probe = subprocess.run(
+            [path, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if probe.returncode == 0 else None
+
+
+def orphan_proof(
+    argv: Sequence[str], sig: signal.Signals = signal.SIGKILL
+) -> tuple[list[str], Callable[[], None] | None]:
+    """The command line and `preexec_fn` that start `argv` so it dies with this process.
+
+    Through `setpriv --pdeathsig` when it is available: then no `preexec_fn` is
+    needed and the standard library can spawn with vfork, ~40x cheaper than a
+    fork of a large process (it matters when hundreds of agents start). Otherwise
+    `die_with_parent` in a `preexec_fn`.
+    """
+    setpriv = _setpriv()
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", sig.name.removeprefix("SIG"), "--", *argv], None
+    return list(argv), die_with_parent(sig)
+
+
+def parent_is(pid: int | None) -> bool:
+    """False when the process that started us (`pid`) is gone and we were re-parented.
+
+    `setpriv` cannot close the race where the parent dies before the death signal
+    is set; a child that checks this at start closes it.
+    """
+    return pid is None or os.getppid() == pid
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> bool:

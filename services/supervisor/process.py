@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from common.config import Agent
-from common.process import die_with_parent, signal_group, tail_lines, terminate_group
+from common.process import orphan_proof, signal_group, tail_lines, terminate_group
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
@@ -107,16 +107,17 @@ class AgentProcess:
         self._pump.write(
             f"[supervisor {time.strftime('%Y-%m-%dT%H:%M:%S')}] starting: {' '.join(self.argv)}"
         )
+        argv, preexec_fn = orphan_proof(self.argv)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=self._cwd,
                 env=self._env,
                 start_new_session=True,
-                preexec_fn=die_with_parent(),
+                preexec_fn=preexec_fn,
                 limit=1024 * 1024,
             )
         except OSError as err:
@@ -189,6 +190,8 @@ def agent_environment(
             "GRAFTMESH_REDIS_URL": redis_url,
             "GRAFTMESH_CONFIG": str(config_path),
             "GRAFTMESH_RUN_DIR": str(run_dir),
+            # Lets the agent check at start that its supervisor still lives (common.process).
+            "GRAFTMESH_SUPERVISOR_PID": str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
         }
     )

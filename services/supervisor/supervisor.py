@@ -57,9 +57,14 @@ class EventSink:
 
 
 def default_start_concurrency() -> int:
-    """How many agents may be STARTING at once: enough to overlap their start-up
-    waits, few enough that a 2-core machine is not thrashed by 200 interpreters."""
-    return max(8, 8 * (os.cpu_count() or 1))
+    """How many agents may be STARTING at once.
+
+    An agent holds its slot until it passes its health gate, so the bound must
+    let start-up waits overlap (measured with 272 agents: 16 slots start them in
+    waves, 64 on 2 cores is as fast as no bound) while keeping hundreds of
+    interpreters from starting on a small machine at once.
+    """
+    return 32 * (os.cpu_count() or 1)
 
 
 class ExternalAgent:
@@ -206,6 +211,7 @@ class Supervisor:
         self._held: set[str] = set()  # stopped by the operator: reconcile leaves them alone
         self.startup: StartupResult | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._reconcile_scheduled = False
 
     # -- the one reconciling function --------------------------------------------------
 
@@ -227,7 +233,12 @@ class Supervisor:
         """Launch what may start now; mark what cannot; called on every change."""
         if self.stopping:
             return
-        starting = sum(1 for w in self.local.values() if w.state is AgentState.STARTING)
+        # Launched but not yet running counts too: its task may not have run yet.
+        starting = sum(
+            1
+            for w in self.local.values()
+            if w.state is AgentState.STARTING or (w.launched and w.state is AgentState.PENDING)
+        )
         for name in self._order:
             w = self.local[name]
             if name in self._held or w.launched:
@@ -253,6 +264,15 @@ class Supervisor:
 
     def _poke(self) -> None:
         self._changed.set()
+        # Coalesced: a state change made inside reconcile (mark -> on_change) must not
+        # re-enter it, or a deep mesh nests one call per waiting agent; every change
+        # of one loop iteration is handled by one pass.
+        if not self._reconcile_scheduled and not self.stopping:
+            self._reconcile_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_reconcile)
+
+    def _scheduled_reconcile(self) -> None:
+        self._reconcile_scheduled = False
         self.reconcile()
 
     def _on_watcher_change(self, watcher: AgentWatcher, previous: AgentState, reason: str) -> None:
