@@ -34,6 +34,7 @@ _log = get_logger(__name__)
 # While an agent starts, its health is polled this often (capped by interval_s),
 # so that a fast agent is seen ready in tens of milliseconds, not after interval_s.
 _STARTUP_POLL_S = 0.05
+_STARTUP_POLL_MAX_S = 0.2
 
 
 class HealthProbe(Protocol):
@@ -382,9 +383,10 @@ class AgentWatcher:
                     return False
                 await asyncio.sleep(hc.interval_s)
             else:
-                # Poll fast at first, then back off towards interval_s.
+                # Poll fast at first, backing off to at most _STARTUP_POLL_MAX_S: every
+                # level of the graph waits for this detection, so it stays short.
                 await asyncio.sleep(poll)
-                poll = min(poll * 1.5, hc.interval_s)
+                poll = min(poll * 1.5, hc.interval_s, _STARTUP_POLL_MAX_S)
 
     async def _liveness(self) -> None:
         """Returns when `retries` consecutive liveness checks failed."""
