@@ -294,6 +294,42 @@ def alerts(
     )
 
 
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="job spec (YAML); see README, Training")],
+    config: ConfigOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", help="submit and return at once")] = False,
+) -> None:
+    """Submit a training job and show its progress until it ends."""
+    from services.trainer import cli as trainer_cli
+
+    raise typer.Exit(trainer_cli.train(_load(config), spec, detach, out))
+
+
+@app.command()
+def jobs(config: ConfigOpt = None) -> None:
+    """List the trainer's jobs."""
+    from services.trainer import cli as trainer_cli
+
+    raise typer.Exit(trainer_cli.jobs(_load(config), out))
+
+
+@app.command()
+def job(job_id: str, config: ConfigOpt = None) -> None:
+    """Show one job: state, progress, metrics, slots, result."""
+    from services.trainer import cli as trainer_cli
+
+    raise typer.Exit(trainer_cli.job(_load(config), job_id, out))
+
+
+@app.command()
+def cancel(job_id: str, config: ConfigOpt = None) -> None:
+    """Cancel a queued or running job."""
+    from services.trainer import cli as trainer_cli
+
+    raise typer.Exit(trainer_cli.cancel(_load(config), job_id, out))
+
+
 @app.command("check-config")
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the config, and byte-compile and import-check every `module:` agent."""
