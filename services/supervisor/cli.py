@@ -29,13 +29,8 @@ from common.errors import ConfigError
 from common.process import tail_lines
 from common.stubs import common_pb2, supervisor_pb2, supervisor_pb2_grpc
 from services.supervisor import check
+from services.supervisor.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from services.supervisor.process import log_path
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_AGENT = 3
-EXIT_INFRA = 4
 
 app = typer.Typer(
     name="graftmesh",

@@ -24,12 +24,12 @@ from common.process import tail_lines
 from common.ready import discover
 from common.stubs import supervisor_pb2_grpc
 from services.supervisor.control import SERVICE_NAME, SupervisorServicer
+from services.supervisor.exits import EXIT_AGENT, EXIT_CONFIG, EXIT_INFRA, EXIT_OK
 from services.supervisor.process import log_path
 from services.supervisor.supervisor import EventSink, StartupResult, StateChange, Supervisor
 
 _log = get_logger(__name__)
 
-EXIT_OK, EXIT_CONFIG, EXIT_AGENT, EXIT_INFRA = 0, 2, 3, 4
 SUPERVISOR_AGENT = "supervisor"
 
 
