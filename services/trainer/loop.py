@@ -254,13 +254,12 @@ class Trainer:
                 self.growth.close()
 
     def _run(self, resume: bool) -> TrainingResult:
-        if resume and self.checkpoints is not None:
-            found = self.checkpoints.load_latest()
-            if found is not None:
-                info, data = found
-                self._restore(data)
-                self._last_good, self._last_info = data, info
-                self._resumed_from = self._step
+        found = self._resume_point() if resume else None
+        if found is not None:
+            info, data = found
+            self._restore(data)
+            self._last_good, self._last_info = data, info
+            self._resumed_from = self._step
         ctx = self._ctx
         self._sync_ctx()
         for callback in self._callbacks:
@@ -377,6 +376,7 @@ class Trainer:
                         self.micro_batches,
                     )
                 )
+        loss = self._synchronize_gradients(loss, len(x))
         self._ctx.loss = loss.detach()
         for callback in self._callbacks:
             callback.on_after_backward(self._ctx)
@@ -437,6 +437,18 @@ class Trainer:
             torch.autograd.backward(scaled)
             total = total + loss.detach()
         return total
+
+    def _synchronize_gradients(self, loss: torch.Tensor, samples: int) -> torch.Tensor:
+        """The step's loss once every replica's gradients are combined (data parallelism).
+
+        One process trains alone: gradients and loss stay as they are. A
+        data-parallel subclass (`ddp.py`) combines the gradients of its
+        `samples` with the other ranks' and returns the loss of the whole batch,
+        so every decision taken from it (skip, spike, rollback) is the same on
+        every rank.
+        """
+        del samples
+        return loss
 
     def _skip(self, what: str, detail: str) -> StepOutcome:
         self._optimizer.zero_grad(set_to_none=True)
@@ -726,6 +738,14 @@ class Trainer:
             self._scaler.load_state_dict(state["scaler"])
         self.last_metrics = {k: float(v) for k, v in state["last_metrics"].items() if v is not None}
         restore_rng(data)
+
+    def _resume_point(self) -> tuple[CheckpointInfo, CheckpointData] | None:
+        """The checkpoint `run()` resumes from: the newest valid one in the store, if any.
+
+        A data-parallel subclass reads it on rank 0 and hands the same bytes to
+        every rank.
+        """
+        return self.checkpoints.load_latest() if self.checkpoints is not None else None
 
     def _kernel_from(self, data: CheckpointData, sha: str) -> nn.Module | None:
         if not sha:
