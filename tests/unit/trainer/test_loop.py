@@ -177,3 +177,15 @@ def test_bad_specs_fail_before_training_naming_the_field(
     with pytest.raises(InvalidArgumentError) as caught:
         Trainer(spirals_spec(**override))
     assert caught.value.field == field
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_matches_eager_closely() -> None:
+    """`compile: true` runs the forward through torch.compile (no silent fallback to eager)."""
+    events: list[TrainingEvent] = []
+    compiled = Trainer(spirals_spec(max_steps=10, compile=True), events=events.append).run()
+    eager = Trainer(spirals_spec(max_steps=10)).run()
+    fallbacks = [e for e in events if isinstance(e, SafetyEvent) and e.kind == "compile_fallback"]
+    assert fallbacks == []
+    assert compiled.step == eager.step == 10
+    assert math.isclose(compiled.metrics["val_loss"], eager.metrics["val_loss"], rel_tol=1e-3)
