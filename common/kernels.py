@@ -64,6 +64,7 @@ import hmac
 import io
 import json
 import re
+import threading
 import zipfile
 from collections.abc import Mapping
 from typing import Any, Final
@@ -214,9 +215,16 @@ def _verify(data: bytes, expected_sha256: str) -> None:
     check_archive(data)
 
 
+# torch.export's (de)serializer keeps process-wide state (`_CURRENT_DESERIALIZER`):
+# two loads at once on different threads fail. Hold this lock around any call into
+# it (loading here; `ExportedProgram.module()` by callers).
+EXPORT_LOCK = threading.Lock()
+
+
 def _load_checked(data: bytes) -> torch.export.ExportedProgram:
     try:
-        return torch.export.load(io.BytesIO(data))
+        with EXPORT_LOCK:
+            return torch.export.load(io.BytesIO(data))
     except Exception as exc:
         raise IntegrityError(f"PT2 archive does not load: {type(exc).__name__}: {exc}") from exc
 
@@ -245,7 +253,9 @@ def load_kernel(
     """
     _verify(data, expected_sha256)
     info = kernel_info(data)
-    module = streamline(_load_checked(data).module())
+    program = _load_checked(data)
+    with EXPORT_LOCK:
+        module = streamline(program.module())
     module.train(bool(info.get("training", True)))
     if device is not None:
         module.to(device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from torch.utils._sympy.numbers import int_oo
 
 from common.errors import IntegrityError
-from common.kernels import load_program, streamline
+from common.kernels import EXPORT_LOCK, load_program, streamline
 from common.stubs import registry_pb2
 from services.router.drift import (
     InputReference,
@@ -52,10 +51,6 @@ __all__ = [
 MODEL_FILE = "model.pt2"
 MANIFEST_FILE = "manifest.json"
 REFERENCE_KEY = "input_reference"
-
-# torch.export's deserializer keeps process-wide state (`_CURRENT_DESERIALIZER`):
-# two loads at once on different threads fail. Versions load on worker threads.
-_TORCH_EXPORT_LOCK = threading.Lock()
 
 
 def verify_sha256(data: bytes, expected: str, what: str) -> None:
@@ -218,7 +213,7 @@ class LoadedModel:
         signature itself) and the pytree handling that make the exported module
         slower than eager.
         """
-        with _TORCH_EXPORT_LOCK:
+        with EXPORT_LOCK:  # versions load on worker threads
             module = streamline(self.program.module())
         for parameter in module.parameters():
             parameter.requires_grad_(False)
@@ -239,8 +234,7 @@ def load_model(
     if MANIFEST_FILE in listed:
         verify_sha256(manifest_bytes, listed[MANIFEST_FILE], MANIFEST_FILE)
     manifest = parse_manifest(manifest_bytes)
-    with _TORCH_EXPORT_LOCK:
-        program = load_program(model_bytes, model_sha256)
+    program = load_program(model_bytes, model_sha256)
     signature = merge_signatures(
         signature_from_proto(version.input_signature), signature_from_program(program)
     )
