@@ -24,6 +24,7 @@ import torch
 from pydantic import ValidationError
 from torch.utils._sympy.numbers import int_oo
 
+from common.drift import INPUT_REFERENCE_KEY
 from common.errors import IntegrityError
 from common.kernels import EXPORT_LOCK, load_program, streamline
 from common.stubs import registry_pb2
@@ -50,7 +51,7 @@ __all__ = [
 
 MODEL_FILE = "model.pt2"
 MANIFEST_FILE = "manifest.json"
-REFERENCE_KEY = "input_reference"
+REFERENCE_KEY = INPUT_REFERENCE_KEY
 
 
 def verify_sha256(data: bytes, expected: str, what: str) -> None:

@@ -4,34 +4,13 @@ reference statistics, per feature. No I/O.
 Reference statistics (`manifest.json`, key `input_reference`)
 -------------------------------------------------------------
 
-Written by whoever registers the model (the trainer), from its training inputs::
-
-    "input_reference": {
-      "schema": 1,
-      "sample_count": 5000,
-      "inputs": {
-        "x": {
-          "feature_dim": 1,
-          "edges":       [[-1.28, -0.84, ..., 1.28], ...],
-          "proportions": [[0.1, 0.1, ..., 0.1], ...]
-        }
-      }
-    }
-
-- `inputs` is keyed by the input's name in the model's input signature.
-- `feature_dim`: the dimension that indexes features (1 for `(N, F)` tables and
-  for `(N, C, H, W)` images, per channel); every other element of the input
-  counts towards its feature's distribution.
-- `edges[f]`: the K interior cut points of feature f, non-decreasing (e.g. the
-  deciles of the reference data, K = 9). They make K + 1 bins: bin 0 is
-  `(-inf, e_0]`, bin i is `(e_{i-1}, e_i]`, bin K is `(e_{K-1}, +inf)`. Every
-  feature of one input has the same K.
-- `proportions[f]`: the share of the reference elements in each of the K + 1
-  bins (they sum to 1).
+Written by whoever registers the model (the trainer), from its training inputs;
+the schema, `InputReference`, `ReferenceStatistics` and `reference_from_samples`
+are defined once in `common.drift` and re-exported here.
 
 `reference_from_samples` computes this from a reference tensor. A version
 without `input_reference` but with the registry's per-feature `mean` and `std`
-(`ReferenceStatistics`) is checked against a normal approximation: edges at
+(the registry's `ReferenceStatistics` message) is checked against a normal approximation: edges at
 `mean + std * z_k` for the deciles `z_k` of the standard normal, 10% per bin
 (`reference_from_moments`).
 
@@ -48,7 +27,6 @@ over.
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 import threading
@@ -56,7 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.drift import DECILES, InputReference, ReferenceStatistics, reference_from_samples
 
 __all__ = [
     "PSI_FLOOR",
@@ -70,53 +49,6 @@ __all__ = [
 ]
 
 PSI_FLOOR = 1e-4
-_DECILES = 10
-
-
-class InputReference(BaseModel):
-    """The reference distribution of one input's features (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    feature_dim: int = Field(1, ge=0)
-    edges: list[list[float]] = Field(min_length=1)
-    proportions: list[list[float]] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> InputReference:
-        if len(self.edges) != len(self.proportions):
-            raise ValueError(
-                f"edges has {len(self.edges)} features, proportions {len(self.proportions)}"
-            )
-        bins = len(self.edges[0])
-        for f, (cuts, shares) in enumerate(zip(self.edges, self.proportions, strict=True)):
-            if len(cuts) != bins:
-                raise ValueError(f"feature {f} has {len(cuts)} edges, feature 0 has {bins}")
-            if any(not math.isfinite(c) for c in cuts) or any(
-                b < a for a, b in itertools.pairwise(cuts)
-            ):
-                raise ValueError(f"edges of feature {f} must be finite and non-decreasing")
-            if len(shares) != bins + 1:
-                raise ValueError(f"feature {f} needs {bins + 1} proportions, has {len(shares)}")
-            if any(not math.isfinite(s) or s < 0 for s in shares) or not math.isclose(
-                sum(shares), 1.0, abs_tol=1e-3
-            ):
-                raise ValueError(f"proportions of feature {f} must be >= 0 and sum to 1")
-        return self
-
-    @property
-    def features(self) -> int:
-        return len(self.edges)
-
-
-class ReferenceStatistics(BaseModel):
-    """`manifest.json`'s `input_reference`: per input, its reference distribution."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: int = Field(1, alias="schema")
-    sample_count: int = Field(0, ge=0)
-    inputs: dict[str, InputReference] = {}
 
 
 def psi(expected: Sequence[float], observed_counts: Sequence[float]) -> float:
@@ -134,25 +66,6 @@ def psi(expected: Sequence[float], observed_counts: Sequence[float]) -> float:
     return value
 
 
-def reference_from_samples(
-    samples: torch.Tensor, feature_dim: int = 1, bins: int = _DECILES
-) -> InputReference:
-    """The reference of one input from a tensor of reference data: quantile edges and shares."""
-    if samples.dim() <= feature_dim:
-        raise ValueError(f"a tensor of {samples.dim()} dims has no dimension {feature_dim}")
-    flat = samples.detach().movedim(feature_dim, 0).reshape(samples.shape[feature_dim], -1)
-    flat = flat.to(torch.float64)
-    qs = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
-    edges = torch.quantile(flat, qs, dim=1).T.contiguous()  # (F, bins - 1)
-    idx = torch.searchsorted(edges, flat.contiguous())
-    counts = torch.zeros(flat.shape[0], bins, dtype=torch.float64)
-    counts.scatter_add_(1, idx, torch.ones_like(flat))
-    proportions = counts / counts.sum(dim=1, keepdim=True)
-    return InputReference(
-        feature_dim=feature_dim, edges=edges.tolist(), proportions=proportions.tolist()
-    )
-
-
 def reference_from_moments(
     mean: Sequence[float], std: Sequence[float], feature_dim: int = 1
 ) -> InputReference | None:
@@ -162,11 +75,11 @@ def reference_from_moments(
     if any(not math.isfinite(m) for m in mean) or any(not math.isfinite(s) or s <= 0 for s in std):
         return None
     normal = statistics.NormalDist()
-    z = [normal.inv_cdf(k / _DECILES) for k in range(1, _DECILES)]
+    z = [normal.inv_cdf(k / DECILES) for k in range(1, DECILES)]
     return InputReference(
         feature_dim=feature_dim,
         edges=[[m + s * zk for zk in z] for m, s in zip(mean, std, strict=True)],
-        proportions=[[1.0 / _DECILES] * _DECILES for _ in mean],
+        proportions=[[1.0 / DECILES] * DECILES for _ in mean],
     )
 
 

@@ -325,6 +325,59 @@ def cancel(job_id: str, config: ConfigOpt = None) -> None:
     raise typer.Exit(trainer_cli.cancel(_load(config), job_id, out))
 
 
+@app.command()
+def models(
+    name: Annotated[str | None, typer.Argument(help="a model: list its versions")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List registered models, or one model's versions with metrics and aliases."""
+    from services.registry import cli as registry_cli
+
+    raise typer.Exit(registry_cli.models(_load(config), out, name=name))
+
+
+@app.command()
+def promote(
+    name: str,
+    config: ConfigOpt = None,
+    version: Annotated[
+        int | None, typer.Option("--version", help="default: the canary's version")
+    ] = None,
+) -> None:
+    """Move a model's `production` alias (to its canary by default)."""
+    from services.registry import cli as registry_cli
+
+    raise typer.Exit(registry_cli.promote(_load(config), name, out, version=version))
+
+
+@app.command()
+def rollback(
+    name: str,
+    config: ConfigOpt = None,
+    alias: Annotated[str, typer.Option("--alias", help="the alias to move back")] = "production",
+) -> None:
+    """Move an alias back to where it pointed before its last change."""
+    from services.registry import cli as registry_cli
+
+    raise typer.Exit(registry_cli.rollback(_load(config), name, out, alias=alias))
+
+
+@app.command()
+def infer(
+    name: str,
+    inputs: Annotated[str, typer.Argument(help='JSON tensor, e.g. "[[0.1, 0.2]]", or {"x": ...}')],
+    config: ConfigOpt = None,
+    alias: Annotated[str, typer.Option("--alias")] = "production",
+    version: Annotated[int | None, typer.Option("--version")] = None,
+) -> None:
+    """Run inference through the router and show the outputs and who served them."""
+    from services.router import cli as router_cli
+
+    raise typer.Exit(
+        router_cli.infer(_load(config), name, inputs, out, alias=alias, version=version)
+    )
+
+
 @app.command("check-config")
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the config, and byte-compile and import-check every `module:` agent."""

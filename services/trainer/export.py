@@ -10,9 +10,11 @@
 - `manifest.json`: format, torch version, the job, the host spec, input and
   output specs, every slot (state, blueprint, kernel id and sha256, alpha,
   added params), the kernel ids, the parameter count, the metrics, the sha256
-  and size of both files, and reference input statistics for drift checks:
-  per input feature its mean, std and quantile bin edges (deciles by default)
-  over the training inputs.
+  and size of both files, and reference input statistics over the training
+  inputs: `reference_statistics` (per flattened feature its mean, std and
+  quantile edges) and `input_reference`, the drift reference the router
+  measures served inputs against (`common.drift`: per feature along dim 1,
+  decile edges and bin shares; absent for inputs with no feature dimension).
 
 Every file is written atomically; the manifest goes last, so a manifest only
 ever describes files that are completely there.
@@ -32,11 +34,18 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.export import Dim
 
+from common.drift import INPUT_REFERENCE_KEY, input_reference
 from common.kernels import check_archive, save_program
 from services.trainer.files import sha256_hex, write_atomic
 from services.trainer.seeds import SlotRecord
 
-__all__ = ["MANIFEST_FORMAT", "ExportedModel", "export_model", "reference_statistics"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "ExportedModel",
+    "drift_reference",
+    "export_model",
+    "reference_statistics",
+]
 
 MANIFEST_FORMAT: Final = 1
 _STATS_ROWS: Final = 20_000
@@ -72,6 +81,24 @@ def reference_statistics(inputs: torch.Tensor, *, bins: int = 10) -> dict[str, A
         "quantile_levels": levels.tolist(),
         "quantile_edges": edges.tolist(),
     }
+
+
+def _stats_rows(inputs: torch.Tensor) -> torch.Tensor:
+    """At most 20 000 evenly spaced rows of `inputs`, on the CPU."""
+    x = inputs.detach().cpu()
+    if x.shape[0] > _STATS_ROWS:
+        x = x[torch.linspace(0, x.shape[0] - 1, _STATS_ROWS).long()]
+    return x
+
+
+def drift_reference(inputs: torch.Tensor) -> dict[str, Any] | None:
+    """The manifest's `input_reference` of the model's input `x` from the training inputs
+    `(N, F, ...)` (features along dim 1); None for inputs without a feature dimension."""
+    if inputs.dim() < 2 or inputs.shape[0] == 0:
+        return None
+    reference = input_reference({"x": _stats_rows(inputs)})
+    reference["sample_count"] = int(inputs.shape[0])
+    return reference
 
 
 def export_model(
@@ -145,6 +172,9 @@ def export_model(
         "reference_statistics": reference_statistics(reference_inputs),
         "files": files,
     }
+    drift = drift_reference(reference_inputs)
+    if drift is not None:
+        manifest[INPUT_REFERENCE_KEY] = drift
     write_atomic(directory / "model.pt2", program_bytes)
     write_atomic(directory / "model.safetensors", weights_bytes)
     write_atomic(

@@ -7,14 +7,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from common.drift import reference_from_samples
 from common.kernels import check_archive
+from common.stubs import registry_pb2
 from services.compiler import BlueprintCompiler
-from services.trainer.export import reference_statistics
+from services.router.artifacts import drift_reference as router_drift_reference
+from services.router.drift import DriftAccumulator
+from services.trainer.export import drift_reference, export_model, reference_statistics
 from services.trainer.loop import Trainer
 from tests.unit.trainer.conftest import growth_spec, make_controller
 from tests.unit.trainer.inprocess import CompilerKernelSource, SelectorClient
@@ -88,3 +94,52 @@ def test_reference_statistics_describe_each_feature() -> None:
     assert stats["quantile_edges"][0] == pytest.approx([0.0, 25.0, 50.0, 75.0, 100.0])
     assert stats["quantile_edges"][1] == pytest.approx([3.0] * 5)
     assert stats["std"][1] == 0.0
+
+
+def _export_small(tmp_path: Path, reference_inputs: torch.Tensor) -> dict[str, Any]:
+    features = reference_inputs.shape[1]
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2)) if reference_inputs.dim() > 2 else None
+    if model is None:
+        model = nn.Sequential(nn.Linear(features, 4), nn.ReLU(), nn.Linear(4, 2))
+    else:
+        model(reference_inputs[:2])  # materialise the lazy layer
+    exported = export_model(
+        model,
+        tmp_path,
+        example=reference_inputs[:4].clone(),
+        reference_inputs=reference_inputs,
+        host={"template": "mlp"},
+        slots=[],
+        metrics={},
+        num_outputs=2,
+        task="classification",
+    )
+    manifest: dict[str, Any] = json.loads((exported.directory / "manifest.json").read_text())
+    return manifest
+
+
+def test_an_exported_manifest_gives_the_router_its_drift_reference_without_fallback(
+    tmp_path: Path,
+) -> None:
+    train_x = torch.randn(3000, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([0.0, 2.0, -1.0])
+    manifest = _export_small(tmp_path, train_x)
+    assert manifest["input_reference"]["sample_count"] == 3000
+    # No registry statistics: whatever the router finds came from the manifest.
+    reference, problem = router_drift_reference(manifest, registry_pb2.ReferenceStatistics())
+    assert problem is None and set(reference) == {"x"}
+    assert reference["x"] == reference_from_samples(train_x)
+    assert reference["x"].features == 3
+    # Served inputs like the training inputs do not drift; shifted ones do.
+    accumulator = DriftAccumulator(reference, window_rows=2000)
+    like = accumulator.observe({"x": train_x[:2000]}, 2000)
+    assert like is not None and not like.over(0.1)
+    shift = torch.tensor([3.0, 0.0, 3.0])  # features 0 and 2 move, feature 1 stays
+    shifted = accumulator.observe({"x": train_x[:2000] + shift}, 2000)
+    assert shifted is not None and {f for _, f, _ in shifted.over(0.25)} == {0, 2}
+
+
+def test_image_inputs_get_a_reference_per_channel_and_flat_inputs_none(tmp_path: Path) -> None:
+    images = _export_small(tmp_path / "images", torch.randn(64, 3, 4, 4))
+    reference, problem = router_drift_reference(images, registry_pb2.ReferenceStatistics())
+    assert problem is None and reference["x"].features == 3
+    assert drift_reference(torch.randn(50)) is None
