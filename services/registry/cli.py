@@ -11,7 +11,6 @@ back to); 2 an unknown model, version or alias, or a bad argument (usage).
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 from typing import Final
 
@@ -21,10 +20,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.channels import CHANNEL_OPTIONS
+from common.client_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    connect,
+    print_error,
+    rpc_failure,
+)
 from common.config import StartupConfig
-from common.errors import NotFoundError
-from common.ready import resolve_address
 from common.stubs import common_pb2, registry_pb2, registry_pb2_grpc
 
 __all__ = [
@@ -39,7 +44,6 @@ __all__ = [
 ]
 
 # 3 is reserved for `up`, so a registry that cannot be reached is a failed command (1).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 1
 DEFAULT_AGENT: Final = "registry"
 PRODUCTION: Final = "production"
 CANARY: Final = "canary"
@@ -54,32 +58,6 @@ def _actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):  # no login name (a container without a passwd entry)
         return "cli"
-
-
-def _error(out: Console, message: str) -> None:
-    # Text, not markup: names and server messages may hold brackets (`inputs[x]`).
-    out.print(Text.assemble(("error: ", "red"), message))
-
-
-def _connect(out: Console, cfg: StartupConfig, agent: str) -> grpc.Channel | None:
-    try:
-        host, port = asyncio.run(resolve_address(cfg, agent))
-    except NotFoundError as exc:
-        _error(out, f"cannot find the registry: {exc}")
-        return None
-    return grpc.insecure_channel(f"{host}:{port}", options=list(CHANNEL_OPTIONS))
-
-
-def _rpc_failure(out: Console, exc: grpc.RpcError) -> int:
-    code, details = exc.code(), exc.details()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        _error(out, f"the registry is not reachable: {details}")
-        return EXIT_UNREACHABLE
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-        _error(out, details or code.name)
-        return EXIT_USAGE
-    _error(out, f"{code.name}: {details}")
-    return EXIT_FAILED
 
 
 def _when(stamp: timestamp_pb2.Timestamp) -> str:
@@ -171,7 +149,7 @@ def models(
 ) -> int:
     """A table of the registered models; with `name`, that model's versions (newest first)
     with their aliases, metrics and creation time. An unknown `name` is a usage error (2)."""
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -182,7 +160,7 @@ def models(
             else:
                 versions = _list_versions(stub, name)
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     if name is None:
         if not summaries:
             out.print("no models registered")
@@ -190,7 +168,7 @@ def models(
             out.print(_models_table(summaries))
         return EXIT_OK
     if not versions:
-        _error(out, f"model {name!r} is not registered")
+        print_error(out, f"model {name!r} is not registered")
         return EXIT_USAGE
     out.print(_versions_table(name, versions))
     return EXIT_OK
@@ -212,9 +190,9 @@ def promote(
     back a canary), nothing changes and the command fails (1).
     """
     if version is not None and version < 1:
-        _error(out, f"a version is >= 1, not {version}")
+        print_error(out, f"a version is >= 1, not {version}")
         return EXIT_USAGE
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -224,7 +202,7 @@ def promote(
             target = version if version is not None else _version(stub, name, CANARY)
             if target is None:
                 known = bool(_list_versions(stub, name))
-                _error(
+                print_error(
                     out,
                     f"model {name!r} has no {CANARY!r} alias; give the version"
                     if known
@@ -248,13 +226,13 @@ def promote(
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                _error(
+                print_error(
                     out,
                     f"{name}: {PRODUCTION} changed while promoting "
                     f"(was v{current or '-'}); nothing changed: {exc.details()}",
                 )
                 return EXIT_FAILED
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     entry = reply.entry
     before = f"v{entry.from_version}" if entry.from_version else "(none)"
     out.print(f"{name}: {PRODUCTION} {before} -> v{entry.to_version}", markup=False)
@@ -274,7 +252,7 @@ def rollback(
 
     Nothing to roll back to is a failure (1); an unknown model or alias is a usage error (2).
     """
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -288,9 +266,9 @@ def rollback(
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                _error(out, f"{name}: cannot roll {alias} back: {exc.details()}")
+                print_error(out, f"{name}: cannot roll {alias} back: {exc.details()}")
                 return EXIT_FAILED
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     entry = reply.entry
     before = f"v{entry.from_version}" if entry.from_version else "(none)"
     out.print(f"{name}: {alias} {before} -> v{reply.model_version.version}", markup=False)

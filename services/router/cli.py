@@ -12,7 +12,6 @@ version or alias (usage).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import struct
@@ -24,10 +23,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.channels import CHANNEL_OPTIONS
+from common.client_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    connect,
+    print_error,
+    rpc_failure,
+)
 from common.config import StartupConfig
-from common.errors import NotFoundError
-from common.ready import resolve_address
 from common.stubs import common_pb2, router_pb2, router_pb2_grpc
 
 __all__ = [
@@ -44,7 +49,6 @@ __all__ = [
 ]
 
 # 3 is reserved for `up`, so a router that cannot be reached is a failed command (1).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 1
 DEFAULT_AGENT: Final = "router"
 _TIMEOUT_S: Final = 30.0
 _DEADLINE_MS: Final = 20_000
@@ -169,32 +173,6 @@ def _format_values(tensor: common_pb2.Tensor) -> str:
     return json.dumps(decode_tensor(tensor))
 
 
-def _error(out: Console, message: str) -> None:
-    # Text, not markup: names and server messages may hold brackets (`inputs[x]`).
-    out.print(Text.assemble(("error: ", "red"), message))
-
-
-def _connect(out: Console, cfg: StartupConfig, agent: str) -> grpc.Channel | None:
-    try:
-        host, port = asyncio.run(resolve_address(cfg, agent))
-    except NotFoundError as exc:
-        _error(out, f"cannot find the router: {exc}")
-        return None
-    return grpc.insecure_channel(f"{host}:{port}", options=list(CHANNEL_OPTIONS))
-
-
-def _rpc_failure(out: Console, exc: grpc.RpcError) -> int:
-    code, details = exc.code(), exc.details()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        _error(out, f"the router is not reachable or cannot serve: {details}")
-        return EXIT_UNREACHABLE
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-        _error(out, details or code.name)
-        return EXIT_USAGE
-    _error(out, f"{code.name}: {details}")
-    return EXIT_FAILED
-
-
 def infer(
     cfg: StartupConfig,
     name: str,
@@ -211,12 +189,12 @@ def infer(
     float32 inputs in `inputs_json` (see `parse_inputs`), and print the outputs with
     the version and replica that served them, the latency and the cost."""
     if version is not None and version < 1:
-        _error(out, f"a version is >= 1, not {version}")
+        print_error(out, f"a version is >= 1, not {version}")
         return EXIT_USAGE
     try:
         named, positional = parse_inputs(inputs_json)
     except InputsError as exc:
-        _error(out, str(exc))
+        print_error(out, str(exc))
         return EXIT_USAGE
     ref = common_pb2.ModelRef(name=name)
     if version is not None:
@@ -232,7 +210,7 @@ def infer(
     )
     if max_cost is not None:
         request.max_cost = max_cost
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -240,7 +218,7 @@ def infer(
         try:
             reply: router_pb2.InferResponse = stub.Infer(request, timeout=_TIMEOUT_S)
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     table = Table(box=None, show_header=False)
     for i, tensor in enumerate(reply.outputs):
         try:

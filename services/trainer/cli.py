@@ -12,7 +12,6 @@ reachable.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,10 +24,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.channels import CHANNEL_OPTIONS
+from common.client_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    connect,
+    print_error,
+    rpc_failure,
+)
 from common.config import StartupConfig
-from common.errors import NotFoundError
-from common.ready import resolve_address
 from common.stubs import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 __all__ = [
@@ -44,9 +49,6 @@ __all__ = [
     "train",
 ]
 
-# The `graftmesh` exit codes: 3 is reserved for `up` (a required agent never became
-# healthy), so a trainer that cannot be reached is a failed command (1).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 1
 DEFAULT_AGENT: Final = "trainer"
 _TIMEOUT_S: Final = 30.0
 # How long `train` keeps reconnecting its watch while the trainer is away (it may restart).
@@ -113,38 +115,12 @@ def load_spec(path: Path | str) -> trainer_pb2.JobSpec:
     return spec_from_mapping(data)
 
 
-def _channel(cfg: StartupConfig, agent: str) -> grpc.Channel:
-    host, port = asyncio.run(resolve_address(cfg, agent))
-    return grpc.insecure_channel(f"{host}:{port}", options=list(CHANNEL_OPTIONS))
-
-
 def _state(value: int) -> str:
     return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
 def _seed(value: int) -> str:
     return common_pb2.SeedState.Name(value).removeprefix("SEED_STATE_").lower()  # type: ignore[arg-type]
-
-
-def _rpc_failure(out: Console, exc: grpc.RpcError) -> int:
-    code = exc.code()
-    details = exc.details()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        out.print(f"[red]error:[/] the trainer is not reachable: {details}")
-        return EXIT_UNREACHABLE
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-        out.print(f"[red]error:[/] {details}")
-        return EXIT_USAGE
-    out.print(f"[red]error:[/] {code.name}: {details}")
-    return EXIT_FAILED
-
-
-def _connect(out: Console, cfg: StartupConfig, agent: str) -> grpc.Channel | None:
-    try:
-        return _channel(cfg, agent)
-    except NotFoundError as exc:
-        out.print(f"[red]error:[/] cannot find the trainer: {exc}")
-        return None
 
 
 def _watch(
@@ -185,9 +161,9 @@ def train(
     try:
         spec = load_spec(spec_path)
     except SpecFileError as exc:
-        out.print(f"[red]error:[/] {exc}")
+        print_error(out, str(exc))
         return EXIT_USAGE
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -197,14 +173,14 @@ def train(
                 trainer_pb2.SubmitJobRequest(spec=spec, request_id=request_id), timeout=_TIMEOUT_S
             ).job
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
         out.print(f"submitted [bold]{submitted.job_id}[/] ({_state(submitted.state)})")
         if detach:
             return EXIT_OK
         try:
             return _follow(stub, submitted, out)
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
 
 
 def _follow(stub: trainer_pb2_grpc.TrainerServiceStub, job: trainer_pb2.Job, out: Console) -> int:
@@ -282,7 +258,7 @@ def _print_job(out: Console, job: trainer_pb2.Job) -> None:
 
 def jobs(cfg: StartupConfig, out: Console, *, agent: str = DEFAULT_AGENT, limit: int = 100) -> int:
     """A table of the newest `limit` jobs."""
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -293,7 +269,7 @@ def jobs(cfg: StartupConfig, out: Console, *, agent: str = DEFAULT_AGENT, limit:
                 timeout=_TIMEOUT_S,
             )
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     table = Table(header_style="bold", box=None)
     for column in ("job", "name", "state", "step", "val_loss", "message"):
         table.add_column(column)
@@ -313,7 +289,7 @@ def jobs(cfg: StartupConfig, out: Console, *, agent: str = DEFAULT_AGENT, limit:
 
 def job(cfg: StartupConfig, job_id: str, out: Console, *, agent: str = DEFAULT_AGENT) -> int:
     """The details of one job."""
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -321,7 +297,7 @@ def job(cfg: StartupConfig, job_id: str, out: Console, *, agent: str = DEFAULT_A
         try:
             found = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=_TIMEOUT_S).job
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     _print_job(out, found)
     return EXIT_OK
 
@@ -330,7 +306,7 @@ def cancel(
     cfg: StartupConfig, job_id: str, out: Console, *, agent: str = DEFAULT_AGENT, reason: str = ""
 ) -> int:
     """Cancel a queued or running job (a running one stops after its current step)."""
-    channel = _connect(out, cfg, agent)
+    channel = connect(out, cfg, agent)
     if channel is None:
         return EXIT_UNREACHABLE
     with channel:
@@ -341,6 +317,6 @@ def cancel(
                 timeout=_TIMEOUT_S,
             ).job
         except grpc.RpcError as exc:
-            return _rpc_failure(out, exc)
+            return rpc_failure(out, exc, agent)
     out.print(f"{found.job_id}: {_state(found.state)} {found.message}".rstrip())
     return EXIT_OK

@@ -184,13 +184,14 @@ def test_bad_inputs_are_usage_errors_naming_the_problem(mesh: Mesh, cfg: Startup
 def test_an_unreachable_router_or_registry_is_a_failed_command(cfg: StartupConfig) -> None:
     out = console()
     assert router_cli.infer(cfg, "m", "[[0.0]]", out, agent=DEAD_ROUTER) == 1
-    assert "router is not reachable" in text(out)
+    assert f"the {DEAD_ROUTER} is not reachable" in text(out)
     out = console()
     assert registry_cli.models(cfg, out, agent=DEAD_REGISTRY) == 1
-    assert "registry is not reachable" in text(out)
+    assert f"the {DEAD_REGISTRY} is not reachable" in text(out)
     out = console()
-    assert router_cli.infer(cfg, "m", "[[0.0]]", out, agent=f"nobody-{uuid.uuid4().hex}") == 1
-    assert "cannot find the router" in text(out)
+    nobody = f"nobody-{uuid.uuid4().hex}"
+    assert router_cli.infer(cfg, "m", "[[0.0]]", out, agent=nobody) == 1
+    assert f"cannot find the {nobody}" in text(out)
 
 
 def test_the_inputs_encoding_round_trips_through_the_wire_format() -> None:
