@@ -12,6 +12,7 @@ infrastructure (NATS/Redis) unavailable.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ from common.errors import ConfigError
 from common.process import tail_lines
 from common.stubs import common_pb2, supervisor_pb2, supervisor_pb2_grpc
 from services.supervisor import check
-from services.supervisor.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from services.supervisor.exits import EXIT_CONFIG, EXIT_FAILED
 from services.supervisor.process import log_path
 
 app = typer.Typer(
@@ -113,16 +114,12 @@ def up(
 
 @app.command()
 def demo(config: ConfigOpt = None) -> None:
-    """The main job: bring the mesh up on the embedded default, show it, shut it down."""
+    """The main job: bring the mesh up, grow a model, register and serve it, provoke a fault."""
+    from services.supervisor.demo import run_demo
     from services.supervisor.run import run_up
 
     cfg = _load(config)
-
-    async def show(sup: Any) -> int:
-        out.print(f"mesh {sup.mesh_state()}: {len(sup.local)} agents up; shutting down")
-        return EXIT_OK
-
-    raise typer.Exit(run_up(cfg, None, out, err, then=show))
+    raise typer.Exit(run_up(cfg, None, out, err, then=functools.partial(run_demo, out=out)))
 
 
 @app.command()
