@@ -21,8 +21,10 @@ is reported to the error bus as `critical` before the process exits 1.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -33,7 +35,7 @@ from typing import Protocol
 
 import grpc
 
-from common import telemetry
+from common import security, telemetry
 from common.bus import ErrorBus, Severity
 from common.config import StartupConfig, load_config
 from common.errors import ConfigError
@@ -77,6 +79,12 @@ class AgentEnv:
     redis_url: str
     config_path: Path | None
     run_dir: Path
+    # Where to listen; `host` is where others reach it (they differ behind NAT or in a pod).
+    bind_host: str = ""
+
+    @property
+    def listen_host(self) -> str:
+        return self.bind_host or self.host
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> AgentEnv:
@@ -101,6 +109,7 @@ class AgentEnv:
             redis_url=env.get("GRAFTMESH_REDIS_URL", "redis://127.0.0.1:6379/0"),
             config_path=Path(config) if config else None,
             run_dir=Path(env.get("GRAFTMESH_RUN_DIR", ".graftmesh")),
+            bind_host=env.get("GRAFTMESH_BIND_HOST", ""),
         )
 
 
@@ -142,6 +151,25 @@ class AgentService(Protocol):
 ServiceFactory = Callable[[AgentContext], AgentService]
 
 
+def bind_address(host: str) -> str:
+    """`host` as an address to listen on: ZMQ binds IP addresses, not host names.
+
+    Host names (`mainpc` in a config, mapped in /etc/hosts or DNS) are resolved to
+    their IPv4 address; the wildcard `*` and IP addresses pass unchanged.
+    """
+    if host == "*":
+        return "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)
+    except OSError as err:
+        raise ConfigError([f"cannot resolve the host {host!r} to listen on: {err}"]) from None
+
+
 def _load_own_config(env: AgentEnv) -> StartupConfig | None:
     if env.config_path is None or not env.config_path.exists():
         return None
@@ -180,7 +208,8 @@ async def serve(build: ServiceFactory, env: AgentEnv) -> int:
     config = _load_own_config(env)
     health = HealthState(env.agent)
     health.set("unhealthy", ["starting"])
-    responder = HealthResponder(health, f"tcp://{env.host}:{env.health_port}")
+    listen = bind_address(env.listen_host)
+    responder = HealthResponder(health, f"tcp://{listen}:{env.health_port}")
     responder.start()
     bus = ErrorBus(nats_url=env.nats_url, machine=env.machine, agent=env.agent)
     await bus.start()
@@ -197,9 +226,10 @@ async def serve(build: ServiceFactory, env: AgentEnv) -> int:
     exit_code = 0
     try:
         service = build(ctx)
-        if env.port is not None:
+        # An agent without gRPC services (e.g. one serving HTTP) owns its port itself.
+        if env.port is not None and service.service_names:
             server = GrpcServer(
-                env.host,
+                listen,
                 env.port,
                 on_internal_error=lambda method, exc: bus.report_error(
                     f"unhandled error in {method}", severity=Severity.ERROR, exc=exc
@@ -258,8 +288,14 @@ def run(build: ServiceFactory, environ: Mapping[str, str] | None = None) -> None
         print("error: the supervisor that started this agent is gone", file=sys.stderr)
         sys.exit(1)
     setup_logging(env.agent, env.machine, level=os.environ.get("GRAFTMESH_LOG_LEVEL", "INFO"))
+    try:
+        security.current()
+        metrics_host = bind_address(env.listen_host)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     tel = telemetry.setup_telemetry(
-        env.agent, env.machine, metrics_port=env.metrics_port, metrics_host=env.host
+        env.agent, env.machine, metrics_port=env.metrics_port, metrics_host=metrics_host
     )
     try:
         code = asyncio.run(serve(build, env))

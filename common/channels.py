@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from common import telemetry
+from common import security, telemetry
 from common.config import StartupConfig
 from common.grpc_server import MAX_MESSAGE_BYTES
 from common.ready import resolve_address
@@ -28,11 +28,27 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """An aio channel to `host:port` with tracing and the mesh's options."""
-    return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+def open_channel(target: str, settings: security.Security | None = None) -> grpc.aio.Channel:
+    """An aio channel to `host:port` with tracing, the mesh's token/TLS and options."""
+    settings = security.current() if settings is None else settings
+    interceptors = [*telemetry.client_interceptors(), *settings.aio_client_interceptors()]
+    credentials = settings.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors
     )
+
+
+def open_sync_channel(target: str, settings: security.Security | None = None) -> grpc.Channel:
+    """A blocking channel (command-line clients) with the mesh's token/TLS and options."""
+    settings = security.current() if settings is None else settings
+    credentials = settings.channel_credentials()
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+    else:
+        channel = grpc.secure_channel(target, credentials, options=list(CHANNEL_OPTIONS))
+    return settings.intercept_sync(channel)
 
 
 async def agent_channel(cfg: StartupConfig, agent: str) -> grpc.aio.Channel:

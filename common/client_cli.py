@@ -12,7 +12,7 @@ import grpc
 from rich.console import Console
 from rich.text import Text
 
-from common.channels import CHANNEL_OPTIONS
+from common.channels import open_sync_channel
 from common.config import StartupConfig
 from common.errors import NotFoundError
 from common.ready import resolve_address
@@ -36,7 +36,7 @@ def connect(out: Console, cfg: StartupConfig, agent: str) -> grpc.Channel | None
     except NotFoundError as exc:
         print_error(out, f"cannot find the {agent}: {exc}")
         return None
-    return grpc.insecure_channel(f"{host}:{port}", options=list(CHANNEL_OPTIONS))
+    return open_sync_channel(f"{host}:{port}")
 
 
 def rpc_failure(out: Console, exc: grpc.RpcError, agent: str) -> int:

@@ -19,6 +19,8 @@ from common.errors import ConfigError
 DEFAULT_CONFIG_FILE = "startup_config.yaml"
 
 Port = int
+# Environment variables that replace `infra.*` URLs (the same ones every agent gets).
+INFRA_URL_ENV = {"nats_url": "GRAFTMESH_NATS_URL", "redis_url": "GRAFTMESH_REDIS_URL"}
 METRICS_PORT_OFFSET = 1000
 
 
@@ -317,7 +319,11 @@ def resolve_config_path(path: str | os.PathLike[str] | None = None) -> Path:
 def load_config(
     path: str | os.PathLike[str] | None = None, *, machine: str | None = None
 ) -> StartupConfig:
-    """Load and validate the config; `machine` (or `$GRAFTMESH_MACHINE`) overrides `machine:`."""
+    """Load and validate the config.
+
+    `machine` (or `$GRAFTMESH_MACHINE`) overrides `machine:`; `$GRAFTMESH_NATS_URL` and
+    `$GRAFTMESH_REDIS_URL` override `infra.nats_url` and `infra.redis_url`.
+    """
     source = resolve_config_path(path)
     try:
         text = source.read_text(encoding="utf-8")
@@ -333,4 +339,9 @@ def load_config(
     override = machine or os.environ.get("GRAFTMESH_MACHINE")
     if override and isinstance(data, dict):
         data = {**data, "machine": override}
+    # The infra URLs may carry credentials, which belong in the environment, not the file.
+    infra_env = {key: os.environ[var] for key, var in INFRA_URL_ENV.items() if os.environ.get(var)}
+    if infra_env and isinstance(data, dict):
+        infra = data.get("infra")
+        data = {**data, "infra": {**(infra if isinstance(infra, dict) else {}), **infra_env}}
     return parse_config(data, source)

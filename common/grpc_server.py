@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from common import telemetry
+from common import security, telemetry
 from common.errors import GraftmeshError, to_grpc_status
 
 _log = logging.getLogger(__name__)
@@ -169,10 +169,14 @@ class GrpcServer:
         *,
         on_internal_error: InternalErrorHook | None = None,
         extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        settings: security.Security | None = None,
     ) -> None:
+        self._security = security.current() if settings is None else settings
         interceptors = [
             *telemetry.server_interceptors(),
             ErrorMappingInterceptor(on_internal_error),
+            # Innermost, so refused calls are still counted and traced.
+            *self._security.server_interceptors(),
             *extra_interceptors,
         ]
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
@@ -193,7 +197,11 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self.server)
-        bound = self.server.add_insecure_port(self._address)
+        credentials = self._security.server_credentials()
+        if credentials is None:
+            bound = self.server.add_insecure_port(self._address)
+        else:
+            bound = self.server.add_secure_port(self._address, credentials)
         if bound == 0:
             raise OSError(f"cannot bind gRPC server to {self._address} (port in use?)")
         self.port = bound

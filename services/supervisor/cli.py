@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from common import security
+from common.channels import open_sync_channel
 from common.config import StartupConfig, load_config
 from common.errors import ConfigError
 from common.process import tail_lines
@@ -68,7 +71,7 @@ def _load(config: Path | None, machine: str | None = None) -> StartupConfig:
 
 
 def _stub(cfg: StartupConfig) -> tuple[grpc.Channel, supervisor_pb2_grpc.SupervisorServiceStub]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{cfg.supervisor.control_port}")
+    channel = open_sync_channel(f"127.0.0.1:{cfg.supervisor.control_port}")
     return channel, supervisor_pb2_grpc.SupervisorServiceStub(channel)
 
 
@@ -105,11 +108,120 @@ def up(
     from services.supervisor.run import run_up
 
     cfg = _load(config, machine)
+    _check_security()
     unknown = [g for g in group or [] if g not in cfg.agent_groups]
     if unknown:
         err.print(f"unknown group(s): {', '.join(unknown)}; known: {', '.join(cfg.agent_groups)}")
         raise typer.Exit(EXIT_CONFIG)
     raise typer.Exit(run_up(cfg, group or None, out, err))
+
+
+def _check_security() -> None:
+    """Unreadable token or TLS files stop a start with exit 2, before anything runs."""
+    try:
+        security.current()
+    except ConfigError as exc:
+        err.print("[bold red]invalid security settings:[/]")
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+@app.command("agent")
+def run_agent(
+    name: str,
+    config: ConfigOpt = None,
+    machine: MachineOpt = None,
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            "--bind", help="listen here (e.g. 0.0.0.0 in a container) instead of the machine's host"
+        ),
+    ] = None,
+) -> None:
+    """Run ONE agent in the foreground, without a supervisor (one container or pod per agent).
+
+    It gets the environment the supervisor would give it; its container runtime
+    or Kubernetes restarts it. NATS and Redis must already answer (nothing
+    embedded is started here).
+    """
+    from services.supervisor.process import agent_argv, agent_environment
+
+    cfg = _load(config, machine)
+    _check_security()
+    agents = cfg.agents()
+    if name not in agents:
+        err.print(f"unknown agent {name!r}; known: {', '.join(sorted(agents))}")
+        raise typer.Exit(EXIT_CONFIG)
+    assert cfg.source is not None
+    env = agent_environment(
+        agents[name],
+        nats_url=cfg.infra.nats_url,
+        redis_url=cfg.infra.redis_url,
+        config_path=cfg.source,
+        run_dir=cfg.run_dir.resolve(),
+    )
+    env.pop("GRAFTMESH_SUPERVISOR_PID")  # no supervisor watches this one
+    if bind:
+        env["GRAFTMESH_BIND_HOST"] = bind
+    argv = agent_argv(agents[name])
+    sys.stdout.flush()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        err.print(f"cannot start {name}: {argv[0]}: {exc.strerror}", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@app.command()
+def probe(
+    agent_names: Annotated[
+        list[str] | None, typer.Argument(metavar="[AGENT]...", help="agents to check")
+    ] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="every agent of these groups")
+    ] = None,
+    config: ConfigOpt = None,
+    machine: MachineOpt = None,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="seconds per check")] = 5.0,
+) -> None:
+    """Ask agents for their health over the ZMQ protocol; exit 0 when all are up.
+
+    No names and no groups: every agent of this machine's groups. Up means
+    `healthy` or `degraded`; anything else (or no answer) exits 1. Used by
+    container health checks.
+    """
+    from common.health import HealthClient, HealthResult
+
+    cfg = _load(config, machine)
+    agents = cfg.agents()
+    unknown = [n for n in agent_names or [] if n not in agents]
+    unknown += [f"group {g}" for g in group or [] if g not in cfg.agent_groups]
+    if unknown:
+        err.print(f"unknown: {', '.join(unknown)}")
+        raise typer.Exit(EXIT_CONFIG)
+    if agent_names or group:
+        names, groups = set(agent_names or ()), set(group or ())
+        chosen = [a for n, a in agents.items() if n in names or a.group in groups]
+    else:
+        chosen = [a for a in agents.values() if a.machine == cfg.machine]
+
+    async def sweep() -> dict[tuple[str, int], HealthResult]:
+        client = HealthClient()
+        try:
+            targets = [(a.host, a.spec.health_check_port) for a in chosen]
+            return await client.check_many(targets, timeout_s=timeout_s)
+        finally:
+            client.close()
+
+    by_address = asyncio.run(sweep()) if chosen else {}
+    results = [by_address[(a.host, a.spec.health_check_port)] for a in chosen]
+    for agent, result in zip(chosen, results, strict=True):
+        latency = f"{result.latency_s * 1000:.1f} ms" if result.latency_s is not None else "-"
+        why = f" ({result.error})" if result.error else ""
+        out.print(f"{agent.name}: {result.status.value} {latency}{why}", markup=False)
+    if not all(r.is_up for r in results):
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -119,6 +231,7 @@ def demo(config: ConfigOpt = None) -> None:
     from services.supervisor.run import run_up
 
     cfg = _load(config)
+    _check_security()
     raise typer.Exit(run_up(cfg, None, out, err, then=functools.partial(run_demo, out=out)))
 
 

@@ -234,6 +234,18 @@ def test_machine_override_from_argument_and_env(
     assert load_config(path).machine == "pc2"
 
 
+def test_infra_urls_from_the_environment_replace_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**_base(), "infra": {"embedded": "never"}}))
+    monkeypatch.delenv("GRAFTMESH_NATS_URL", raising=False)
+    monkeypatch.setenv("GRAFTMESH_REDIS_URL", "redis://:s3cret@10.0.0.1:6379/2")
+    cfg = load_config(path)
+    assert cfg.infra.redis_url == "redis://:s3cret@10.0.0.1:6379/2"
+    assert cfg.infra.nats_url == "nats://127.0.0.1:4222" and cfg.infra.embedded == "never"
+
+
 def test_config_path_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRAFTMESH_CONFIG", raising=False)
