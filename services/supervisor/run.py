@@ -67,6 +67,26 @@ class BusEvents(EventSink):
             details={"agent": agent.name, "group": agent.group, "restarts": restarts},
         )
 
+    def external_breaker(self, agent: Agent, opened: bool, reason: str) -> None:
+        where = f"{agent.name} on {agent.machine} ({agent.host}:{agent.spec.health_check_port})"
+        details = {"agent": agent.name, "group": agent.group, "machine": agent.machine}
+        if opened:
+            cb = agent.settings.circuit_breaker
+            self._bus.report_error(
+                f"circuit breaker of external agent {where} opened: {cb.failure_threshold} "
+                f"failed checks within {cb.window_s:g}s ({reason})",
+                severity=Severity.CRITICAL,
+                error_type="CircuitBreakerOpen",
+                details=details,
+            )
+        else:
+            self._bus.report_error(
+                f"circuit breaker of external agent {where} closed: reachable again",
+                severity=Severity.INFO,
+                error_type="CircuitBreakerClosed",
+                details=details,
+            )
+
 
 class RedisReady:
     """Readiness through the agent's Redis ready key (`readiness: redis|both`)."""

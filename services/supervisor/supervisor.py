@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from common.config import Agent, StartupConfig
 from common.errors import FailedPreconditionError, NotFoundError
 from common.health import HealthResult
@@ -55,6 +56,9 @@ class EventSink:
     def breaker_open(self, agent: Agent, restarts: int) -> None:
         """Called when an agent's restart breaker opens."""
 
+    def external_breaker(self, agent: Agent, opened: bool, reason: str) -> None:
+        """Called when the reachability breaker of an EXTERNAL agent opens or closes again."""
+
 
 def default_start_concurrency() -> int:
     """How many agents may be STARTING at once.
@@ -68,7 +72,14 @@ def default_start_concurrency() -> int:
 
 
 class ExternalAgent:
-    """An agent of another group: polled through its health port, never started here."""
+    """An agent of another group: polled through its health port, never started here.
+
+    Once it has been up, failed checks count on a circuit breaker with the agent's
+    `circuit_breaker` settings (a lost machine or link, rather than one slow
+    reply): `failure_threshold` failures within `window_s` open it, which is
+    reported, and checks pause for `reset_timeout_s`; then one trial check closes
+    it again or reopens it.
+    """
 
     def __init__(
         self,
@@ -76,16 +87,32 @@ class ExternalAgent:
         health: HealthProbe,
         ready: ReadyProbe | None,
         on_change: Callable[[], None],
+        on_breaker: Callable[[ExternalAgent, bool], None] | None = None,
     ) -> None:
         self.agent = agent
         self.name = agent.name
         self._health = health
         self._ready = ready
         self._on_change = on_change
+        self._on_breaker = on_breaker
+        self.breaker = CircuitBreaker(
+            f"external:{agent.name}", BreakerConfig.from_settings(agent.settings.circuit_breaker)
+        )
+        self.breaker.add_listener(self._breaker_changed)
         self.last_health: HealthResult | None = None
         self.is_ready = False
+        self.was_ready = False
         self.reason = "not checked yet"
         self._task: asyncio.Task[None] | None = None
+
+    def _breaker_changed(
+        self, old: BreakerState, new: BreakerState, breaker: CircuitBreaker
+    ) -> None:
+        # HALF_OPEN is only the pause ending; what counts is open, and closed again.
+        if new is BreakerState.OPEN and old is BreakerState.CLOSED and self._on_breaker:
+            self._on_breaker(self, True)
+        elif new is BreakerState.CLOSED and self._on_breaker:
+            self._on_breaker(self, False)
 
     def launch(self) -> None:
         if self._task is None:
@@ -102,12 +129,22 @@ class ExternalAgent:
         hc = self.agent.settings.health_check
         pause = 0.05
         while True:
+            if not self.breaker.allow_request():
+                await asyncio.sleep(min(hc.interval_s, 1.0))
+                continue
             result = await self._health.check(
                 self.agent.host, self.agent.spec.health_check_port, hc.timeout_s
             )
             self.last_health = result
             ready = result.is_up
             self.reason = "" if ready else (result.error or result.status.value)
+            if ready:
+                self.was_ready = True
+                self.breaker.record_success()
+            elif self.was_ready:
+                self.breaker.record_failure()
+                if self.breaker.state is not BreakerState.CLOSED:
+                    self.reason = f"circuit breaker open: {self.reason}"
             if ready and self.agent.spec.readiness in ("redis", "both"):
                 ready = self._ready is not None and await self._ready.is_ready(self.name)
                 self.reason = "" if ready else "no ready key in Redis"
@@ -128,7 +165,7 @@ class ExternalAgent:
             pid=None,
             uptime_s=None,
             restarts=0,
-            breaker="closed",
+            breaker=self.breaker.state.value,
             health_status=health.status.value if health else None,
             health_latency_ms=health.latency_s * 1000.0 if health and health.latency_s else None,
             reason=self.reason,
@@ -203,7 +240,8 @@ class Supervisor:
             )
         needed = {d for n in self.local for d in agents[n].spec.dependencies} - set(self.local)
         self.external: dict[str, ExternalAgent] = {
-            name: ExternalAgent(agents[name], health, ready, self._poke) for name in sorted(needed)
+            name: ExternalAgent(agents[name], health, ready, self._poke, self._on_external_breaker)
+            for name in sorted(needed)
         }
         self.deps = {n: list(agents[n].spec.dependencies) for n in self.local}
         self._order = [n for level in start_levels(self.deps) for n in level]
@@ -292,6 +330,10 @@ class Supervisor:
 
     async def _on_breaker_open(self, watcher: AgentWatcher) -> None:
         self.events.breaker_open(watcher.agent, watcher.restarts)
+
+    def _on_external_breaker(self, ext: ExternalAgent, opened: bool) -> None:
+        _log.warning("external breaker", agent=ext.name, opened=opened, reason=ext.reason)
+        self.events.external_breaker(ext.agent, opened, ext.reason)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

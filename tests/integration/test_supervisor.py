@@ -16,6 +16,7 @@ import nats
 import psutil
 import pytest
 
+from common.stubs import supervisor_pb2
 from tests.integration.mesh import Mesh, foreign
 from tests.ports import free_port
 from tests.wait import wait_until
@@ -489,6 +490,73 @@ def test_group_waits_for_its_external_dependency(make_mesh: Any) -> None:
     core.up("--group", "core")
     edge.wait_states({"router": "HEALTHY"}, timeout_s=30)
     assert edge.first("ready", "registry") < edge.first("start", "router")
+    assert edge.stop() == 0
+    assert core.stop() == 0
+
+
+def test_lost_external_dependency_opens_its_breaker_and_heals(
+    make_mesh: Any, system_nats_url: str
+) -> None:
+    """The machine running `registry` goes away: pc2's supervisor trips, reports, and heals."""
+    settings = {
+        "health_check": {"interval_s": 0.2, "timeout_s": 0.3, "retries": 3, "start_period_s": 5},
+        "restart": {"policy": "on-failure", "backoff_initial_s": 0.1, "backoff_max_s": 1.0},
+        "circuit_breaker": {"failure_threshold": 3, "window_s": 30, "reset_timeout_s": 1},
+        "stop_grace_s": 2,
+    }
+    groups = {
+        "core": _group({"registry": foreign(free_port())}),
+        "edge": _group({"router": foreign(free_port(), deps=["registry"])}, machine="pc2"),
+    }
+    core = make_mesh(json.loads(json.dumps(groups)), settings=settings)
+    edge = make_mesh(groups, settings=settings, machine="pc2")
+    seen: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        nc = await nats.connect(system_nats_url)
+        opened, closed = asyncio.Event(), asyncio.Event()
+
+        async def on_msg(msg: Any) -> None:
+            event = json.loads(msg.data)
+            if event.get("details", {}).get("agent") != "registry":
+                return
+            seen.append(event)
+            if event["error_type"] == "CircuitBreakerOpen":
+                opened.set()
+            elif event["error_type"] == "CircuitBreakerClosed":
+                closed.set()
+
+        await nc.subscribe("errors.pc2.*.supervisor", cb=on_msg)
+        await nc.flush()
+        core.up("--group", "core")
+        edge.up("--group", "edge")
+        await asyncio.to_thread(edge.wait_states, {"router": "HEALTHY"})
+        core.kill()  # the whole machine: supervisor and its agents
+        await asyncio.wait_for(opened.wait(), timeout=30)
+        ext = await asyncio.to_thread(edge.agent, "registry")
+        assert ext is not None and "circuit breaker open" in ext.message
+        assert ext.breaker_state in (
+            supervisor_pb2.BREAKER_STATE_OPEN,
+            supervisor_pb2.BREAKER_STATE_HALF_OPEN,
+        )
+        # What runs on pc2 keeps running: the breaker guards the link, not the dependents.
+        assert (await asyncio.to_thread(edge.states))["router"] == "HEALTHY"
+        core.up("--group", "core")
+        await asyncio.wait_for(closed.wait(), timeout=30)
+        await nc.drain()
+
+    try:
+        asyncio.run(scenario())
+    except TimeoutError:
+        raise AssertionError(f"saw {seen!r}\n{edge.output()}") from None
+    kinds = [(e["error_type"], e["severity"]) for e in seen]
+    assert kinds == [("CircuitBreakerOpen", "critical"), ("CircuitBreakerClosed", "info")], kinds
+    assert "registry on mainpc (127.0.0.1:" in seen[0]["message"]
+    wait_until(
+        lambda: edge.agent("registry").breaker_state == supervisor_pb2.BREAKER_STATE_CLOSED,
+        15,
+        "breaker closed in status",
+    )
     assert edge.stop() == 0
     assert core.stop() == 0
 
