@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.bus import ALERTS_STREAM, SEVERITIES, ensure_streams
+from common.infra import redact_url
 from services.alerts.model import Alert, InvalidEventError, parse_alert, severity_at_least
 
 __all__ = ["EXIT_INFRA", "EXIT_OK", "EXIT_USAGE", "follow_alerts", "format_alert"]
@@ -82,11 +84,13 @@ def follow_alerts(
     agent: str | None = None,
     stop: threading.Event | None = None,
     connect_timeout_s: float = 5.0,
+    as_json: bool = False,
 ) -> int:
     """Print the last `last` alerts at `severity` or worse (all when None), and with
     `follow` every new one as it comes, until Ctrl-C (or `stop` is set).
 
-    `agent` keeps one agent's alerts. The history is the last `last` matching alerts
+    `agent` keeps one agent's alerts; `as_json` prints each alert as one JSON line
+    (the `ALERTS` payload) instead of a table. The history is the last `last` matching alerts
     among the stream's last 10,000. Returns the exit code: 0, 2 for an unknown
     severity or a bad `last`, 4 when NATS cannot be reached.
     """
@@ -104,6 +108,7 @@ def follow_alerts(
         agent=agent,
         stop=stop,
         connect_timeout_s=connect_timeout_s,
+        as_json=as_json,
     )
     try:
         return asyncio.run(_follow(request, out))
@@ -120,6 +125,7 @@ class _Request:
     agent: str | None
     stop: threading.Event | None
     connect_timeout_s: float
+    as_json: bool = False
 
 
 async def _follow(request: _Request, out: Console) -> int:
@@ -141,7 +147,7 @@ async def _follow(request: _Request, out: Console) -> int:
             error_cb=_ignore_error,  # a refused connect is reported once, below
         )
     except Exception as err:
-        out.print(f"NATS unavailable at {nats_url}: {err or type(err).__name__}")
+        out.print(f"NATS unavailable at {redact_url(nats_url)}: {err or type(err).__name__}")
         return EXIT_INFRA
     try:
         nc.options["max_reconnect_attempts"] = -1
@@ -151,7 +157,7 @@ async def _follow(request: _Request, out: Console) -> int:
             await ensure_streams(js)
             info = await js.stream_info(ALERTS_STREAM)
         except Exception as err:
-            out.print(f"NATS JetStream unavailable at {nats_url}: {err!r}")
+            out.print(f"NATS JetStream unavailable at {redact_url(nats_url)}: {err!r}")
             return EXIT_INFRA
         start = max(info.state.first_seq, info.state.last_seq - _SCAN_MESSAGES + 1, 1)
         sub = await js.subscribe(
@@ -177,7 +183,10 @@ async def _follow(request: _Request, out: Console) -> int:
             alert = _matching(msg.data, minimum)
             if alert is not None and last:
                 history.append(alert)
-        if history:
+        if request.as_json:
+            for alert in history:
+                _print_json(out, alert)
+        elif history:
             out.print(_table(list(history)))
         elif last:
             out.print("no alerts" + (" yet" if follow else ""))
@@ -187,13 +196,19 @@ async def _follow(request: _Request, out: Console) -> int:
             except nats.errors.TimeoutError:
                 continue
             alert = _matching(msg.data, minimum)
-            if alert is not None:
+            if alert is not None and request.as_json:
+                _print_json(out, alert)
+            elif alert is not None:
                 out.print(format_alert(alert))
         return EXIT_OK
     finally:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await nc.close()
+
+
+def _print_json(out: Console, alert: Alert) -> None:
+    out.print(json.dumps(alert.to_json()), markup=False, highlight=False, soft_wrap=True)
 
 
 async def _ignore_error(err: Exception) -> None:

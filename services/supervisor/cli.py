@@ -379,6 +379,7 @@ def _follow(path: Path) -> None:
 
 @app.command()
 def alerts(
+    *,
     config: ConfigOpt = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="keep printing new alerts")
@@ -388,6 +389,7 @@ def alerts(
     ] = None,
     last: Annotated[int, typer.Option("--last", "-n", help="recent alerts to show first")] = 20,
     agent: Annotated[str | None, typer.Option("--agent", help="only this agent's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON alert per line")] = False,
 ) -> None:
     """Show the mesh's alerts (from the ALERTS stream on NATS), and follow new ones."""
     # Each agent owns the client side of its verbs; the CLI only gathers them.
@@ -395,7 +397,9 @@ def alerts(
 
     cfg = _load(config)
     raise typer.Exit(
-        follow_alerts(cfg.infra.nats_url, follow, severity, out, last=last, agent=agent)
+        follow_alerts(
+            cfg.infra.nats_url, follow, severity, out, last=last, agent=agent, as_json=as_json
+        )
     )
 
 

@@ -14,14 +14,17 @@
   On SIGTERM running jobs stop after their current step, checkpoint, and stay
   RUNNING in the store, so the next start resumes them.
 - On success the model is exported to `<job dir>/model/` and, with
-  `register_as`, uploaded to the registry agent.
+  `register_as`, uploaded to the registry agent. A registry that cannot be
+  reached (down, or its machine cut off) is waited for, retrying with backoff,
+  for up to `GRAFTMESH_TRAINER_REGISTER_WAIT_S`, while the job stays RUNNING.
 - Every state change is published as `events.job.<job_id>.<state>`.
 
 Settings (environment): `GRAFTMESH_TRAINER_MAX_JOBS` (1),
 `GRAFTMESH_TRAINER_MAX_QUEUED` (100), `GRAFTMESH_TRAINER_SELECTOR`
 (`seed_selector`), `GRAFTMESH_TRAINER_COMPILER` (`compiler`),
 `GRAFTMESH_TRAINER_REGISTRY` (`registry`), `GRAFTMESH_TRAINER_TORCH_THREADS`
-(1: tiny ops slow down many times over with more threads on a loaded machine).
+(1: tiny ops slow down many times over with more threads on a loaded machine),
+`GRAFTMESH_TRAINER_REGISTER_WAIT_S` (600).
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class TrainerSettings:
     compiler_agent: str = "compiler"
     registry_agent: str = "registry"
     torch_threads: int = 1
+    register_wait_s: int = 600
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TrainerSettings:
@@ -142,6 +146,7 @@ class TrainerSettings:
             compiler_agent=environ.get("GRAFTMESH_TRAINER_COMPILER", "").strip() or "compiler",
             registry_agent=environ.get("GRAFTMESH_TRAINER_REGISTRY", "").strip() or "registry",
             torch_threads=_env_int(environ, "GRAFTMESH_TRAINER_TORCH_THREADS", 1, problems),
+            register_wait_s=_env_int(environ, "GRAFTMESH_TRAINER_REGISTER_WAIT_S", 600, problems),
         )
         if problems:
             raise ConfigError(problems)
@@ -694,7 +699,11 @@ class TrainerAgent:
             raise FailedPreconditionError(
                 f"register_as {name!r}: no config to find the registry agent {agent!r} in"
             )
-        async for attempt in rpc_retry(attempts=3, name="register model"):
+        # The trained model is on disk; losing it to a short outage would waste the job.
+        wait_s = self.settings.register_wait_s
+        async for attempt in rpc_retry(
+            attempts=max(3, wait_s), max_delay_s=5.0, max_total_s=wait_s, name="register model"
+        ):
             with attempt:
                 try:
                     channel = await agent_channel(config, agent)
