@@ -40,6 +40,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from common import telemetry
 from common.bus import ERRORS_STREAM, ErrorBus, ensure_streams
 from common.logging import get_logger
 from common.retry import backoff_delay
@@ -156,6 +157,10 @@ class AlertConsumer:
         self._duplicates = 0
         self._lag: int | None = None
         self._consuming = False
+        # What Prometheus alert rules (deploy/prometheus) watch: floods, drift, canaries...
+        self._raised = telemetry.meter("graftmesh.alerts").create_counter(
+            "graftmesh_alerts_raised", description="Alerts published, by kind, severity and agent"
+        )
 
     @property
     def stats(self) -> ConsumerStats:
@@ -395,6 +400,9 @@ class AlertConsumer:
                 self._duplicates += 1
                 continue
             self._published += 1
+            self._raised.add(
+                1, {"kind": alert.kind.value, "severity": alert.severity, "agent": alert.agent}
+            )
             _log.info("alert", kind=alert.kind.value, severity=alert.severity, agent=alert.agent)
             for sink in self._sinks:
                 try:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -69,7 +70,8 @@ class AlertsAgent:
             **env,
         }
         for key in ("GRAFTMESH_PORT", "GRAFTMESH_METRICS_PORT"):
-            self.env.pop(key, None)
+            if key not in env:
+                self.env.pop(key, None)
         if "GRAFTMESH_CONFIG" not in env:
             self.env.pop("GRAFTMESH_CONFIG", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -248,9 +250,10 @@ def mesh(
     machine = f"{prefix}m"
     run_dir = tmp_path_factory.mktemp("alerts-agent")
     rules = run_dir / "rules.yaml"
-    # Short windows keep the test fast; the production defaults are checked in unit tests.
+    # Short windows keep the test fast (quiet_s long enough that a loaded machine does not
+    # split one burst in two); the production defaults are checked in unit tests.
     rules.write_text(
-        yaml.safe_dump({"floods": {"connection": {"threshold": 10, "window_s": 5, "quiet_s": 1}}})
+        yaml.safe_dump({"floods": {"connection": {"threshold": 10, "window_s": 5, "quiet_s": 3}}})
     )
     config = run_dir / "startup_config.yaml"
     config.write_text(
@@ -290,6 +293,7 @@ def mesh(
         GRAFTMESH_ALERTS_RULES=str(rules),
         GRAFTMESH_CONFIG=str(config),
         GRAFTMESH_ALERTS_WEBHOOK_URL=hook.url,
+        GRAFTMESH_METRICS_PORT=str(free_port()),
     )
     agent.start()
     try:
@@ -367,6 +371,16 @@ async def test_burst_of_connection_errors_is_one_flood_alert_and_one_summary(
     assert [a["kind"] for a in watch.of(agent)] == ["error", "flood", "flood"]
     stored = await stream_alerts(nc, agent)
     assert sorted(a["id"] for a in stored) == sorted(a["id"] for a in watch.of(agent))
+    # Prometheus sees the same alerts (deploy/prometheus/alerts.yml rules watch this counter).
+    url = f"http://127.0.0.1:{mesh.agent.env['GRAFTMESH_METRICS_PORT']}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    raised = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("graftmesh_alerts_raised_total{") and f'agent="{agent}"' in line
+    }
+    assert sum(v for labels, v in raised.items() if 'kind="flood"' in labels) == 2, raised
+    assert sum(v for labels, v in raised.items() if 'kind="error"' in labels) == 1, raised
 
 
 async def test_errors_of_dependents_fold_into_agent_down_until_it_is_back(
