@@ -62,7 +62,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 
 from common.logging import get_logger
 
@@ -638,6 +638,10 @@ class ErrorBus:
         self._released = 0  # events delivered, folded into another, or given up
         self._loop_drops = 0
         self._drops_reported = 0
+        # Counted by the publisher, off the reporting threads' path (Prometheus: floods).
+        self._reported_metric = metrics.get_meter("graftmesh.bus").create_counter(
+            "graftmesh_errors_reported", description="Errors reported to the bus, by severity"
+        )
 
         # Event-loop side only.
         self._outbox: collections.deque[_Outgoing] = collections.deque()
@@ -1098,6 +1102,7 @@ class ErrorBus:
         pop = inbox.popleft
         for _ in range(min(limit, available)):
             record: _Record = (pop(), pop(), pop(), pop(), pop(), pop(), pop(), pop(), pop())
+            self._reported_metric.add(1, {"severity": str(record[2])})
             try:
                 report = self._report_of(record)
                 if self._guard.admit(report.fingerprint, report, record[1]):

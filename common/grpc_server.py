@@ -35,6 +35,12 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+# From a fast in-process call (0.5 ms) to a long upload (10 s).
+RPC_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions raised by servicers into statuses, and records RPC metrics.
 
@@ -53,7 +59,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             "graftmesh_rpc_server_calls", description="RPCs handled, by method and status code"
         )
         self._duration = meter.create_histogram(
-            "graftmesh_rpc_server_duration_seconds", unit="s", description="RPC handling time"
+            "graftmesh_rpc_server_duration_seconds",
+            unit="s",
+            description="RPC handling time",
+            # OpenTelemetry's default buckets are sized for milliseconds.
+            explicit_bucket_boundaries_advisory=RPC_SECONDS_BUCKETS,
         )
 
     async def intercept_service(
@@ -113,7 +123,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception as exc:
-                code = await self._abort(method, context, exc)
+                code = self._report(method, exc)
+                await context.abort(code, to_grpc_status(exc)[1])
             finally:
                 self._record(method, code, started)
 
@@ -136,22 +147,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception as exc:
-                code = await self._abort(method, context, exc)
+                code = self._report(method, exc)
+                await context.abort(code, to_grpc_status(exc)[1])
             finally:
                 self._record(method, code, started)
 
         return wrapper
 
-    async def _abort(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], exc: Exception
-    ) -> grpc.StatusCode:
-        code, details = to_grpc_status(exc)
+    def _report(self, method: str, exc: Exception) -> grpc.StatusCode:
+        """The status `exc` maps to (set before aborting, so metrics record it); bugs reported."""
         if not isinstance(exc, GraftmeshError):
             _log.error("unhandled error in %s", method, exc_info=exc)
             if self._on_internal_error is not None:
                 self._on_internal_error(method, exc)
-        await context.abort(code, details)
-        return code  # not reached: abort raises
+        return to_grpc_status(exc)[0]
 
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
         attrs = {"rpc.method": method, "rpc.grpc.status_code": code.name}

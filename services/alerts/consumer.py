@@ -400,8 +400,10 @@ class AlertConsumer:
                 self._duplicates += 1
                 continue
             self._published += 1
+            # `alert_agent`: Prometheus itself labels every series with the scraped `agent`.
             self._raised.add(
-                1, {"kind": alert.kind.value, "severity": alert.severity, "agent": alert.agent}
+                1,
+                {"kind": alert.kind.value, "severity": alert.severity, "alert_agent": alert.agent},
             )
             _log.info("alert", kind=alert.kind.value, severity=alert.severity, agent=alert.agent)
             for sink in self._sinks:

@@ -178,18 +178,23 @@ def probe(
     agent_names: Annotated[
         list[str] | None, typer.Argument(metavar="[AGENT]...", help="agents to check")
     ] = None,
+    *,
     group: Annotated[
         list[str] | None, typer.Option("--group", "-g", help="every agent of these groups")
     ] = None,
     config: ConfigOpt = None,
     machine: MachineOpt = None,
     timeout_s: Annotated[float, typer.Option("--timeout", help="seconds per check")] = 5.0,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="ask this address instead of each agent's machine host"),
+    ] = None,
 ) -> None:
     """Ask agents for their health over the ZMQ protocol; exit 0 when all are up.
 
     No names and no groups: every agent of this machine's groups. Up means
     `healthy` or `degraded`; anything else (or no answer) exits 1. Used by
-    container health checks.
+    container health checks; in a pod, `--host 127.0.0.1` asks the agent of this pod.
     """
     from common.health import HealthClient, HealthResult
 
@@ -209,13 +214,13 @@ def probe(
     async def sweep() -> dict[tuple[str, int], HealthResult]:
         client = HealthClient()
         try:
-            targets = [(a.host, a.spec.health_check_port) for a in chosen]
+            targets = [(host or a.host, a.spec.health_check_port) for a in chosen]
             return await client.check_many(targets, timeout_s=timeout_s)
         finally:
             client.close()
 
     by_address = asyncio.run(sweep()) if chosen else {}
-    results = [by_address[(a.host, a.spec.health_check_port)] for a in chosen]
+    results = [by_address[(host or a.host, a.spec.health_check_port)] for a in chosen]
     for agent, result in zip(chosen, results, strict=True):
         latency = f"{result.latency_s * 1000:.1f} ms" if result.latency_s is not None else "-"
         why = f" ({result.error})" if result.error else ""
@@ -493,9 +498,9 @@ def infer(
 
 
 @app.command("check-config")
-def check_config(config: ConfigOpt = None) -> None:
+def check_config(config: ConfigOpt = None, machine: MachineOpt = None) -> None:
     """Validate the config, and byte-compile and import-check every `module:` agent."""
-    cfg = _load(config)
+    cfg = _load(config, machine)
     problems = asyncio.run(check.check_agents(cfg))
     if problems:
         err.print(f"[bold red]{len(problems)} problem(s):[/]")

@@ -223,17 +223,27 @@ def test_agent_exposes_prometheus_metrics(agent_factory: Any) -> None:
     agent = agent_factory()
     agent.wait_healthy()
     with agent.channel() as ch:
-        compiler_pb2_grpc.CompilerServiceStub(ch).ListBlueprints(
-            compiler_pb2.ListBlueprintsRequest(), timeout=5
-        )
+        stub = compiler_pb2_grpc.CompilerServiceStub(ch)
+        stub.ListBlueprints(compiler_pb2.ListBlueprintsRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError):  # a bug: INTERNAL, reported to the error bus
+            stub.ListKernels(compiler_pb2.ListKernelsRequest(), timeout=5)
 
     def scrape() -> str | None:
         url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
         body: str = urllib.request.urlopen(url, timeout=5).read().decode()
-        return body if "graftmesh_rpc_server_calls" in body else None
+        return body if "graftmesh_errors_reported_total{" in body else None
 
-    body = wait_until(scrape, 10, "rpc metrics")
-    assert "ListBlueprints" in body
+    body = wait_until(scrape, 10, "rpc and error bus metrics")
+    lines = body.splitlines()
+
+    def series(name: str, *labels: str) -> list[str]:
+        return [x for x in lines if x.startswith(name + "{") and all(lb in x for lb in labels)]
+
+    assert series("graftmesh_rpc_server_calls_total", "ListBlueprints", 'code="OK"')
+    assert series("graftmesh_rpc_server_calls_total", "ListKernels", 'code="INTERNAL"')
+    assert series("graftmesh_errors_reported_total", 'severity="error"')
+    # Seconds-sized buckets: a fast call lands in the first ones, not all in one.
+    assert "graftmesh_rpc_server_duration_seconds_bucket{" in body and 'le="0.0005"' in body
     assert agent.stop() == 0
 
 

@@ -377,7 +377,7 @@ async def test_burst_of_connection_errors_is_one_flood_alert_and_one_summary(
     raised = {
         line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
         for line in body.splitlines()
-        if line.startswith("graftmesh_alerts_raised_total{") and f'agent="{agent}"' in line
+        if line.startswith("graftmesh_alerts_raised_total{") and f'alert_agent="{agent}"' in line
     }
     assert sum(v for labels, v in raised.items() if 'kind="flood"' in labels) == 2, raised
     assert sum(v for labels, v in raised.items() if 'kind="error"' in labels) == 1, raised

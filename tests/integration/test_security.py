@@ -254,6 +254,9 @@ def test_agent_verb_runs_one_agent_without_a_supervisor_and_probe_checks_it(
         assert probe.stdout.startswith("sample: healthy ")
         by_group = _graftmesh("probe", "--group", "core", "--config", str(config))
         assert by_group.returncode == 0
+        # As a pod's probe does: the agent next to it, whatever its advertised host.
+        here = _graftmesh("probe", "sample", "--host", "127.0.0.2", "--config", str(config))
+        assert here.returncode == 0, here.stdout + here.stderr
         unknown = _graftmesh("probe", "nobody", "--config", str(config))
         assert unknown.returncode == 2 and "unknown: nobody" in unknown.stderr
     finally:
