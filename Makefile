@@ -19,6 +19,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(VENV): $(STAMP)
 
+# The console's browser tests drive Debian's Chromium, installed here (as root, from
+# the distribution's packages), never downloaded by a test tool. Without it they skip.
+BROWSER_STAMP := $(VENV)/.browser
+$(BROWSER_STAMP): $(STAMP)
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null 2>&1 \
+	           && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+	      || echo "could not install chromium: the browser tests will be skipped"; \
+	  else echo "no chromium (apt-get install chromium chromium-driver): browser tests skip"; fi; \
+	fi
+	@touch $@
+
 run: $(VENV)
 	$(VENV)/bin/graftmesh demo
 
@@ -31,7 +46,7 @@ lint: $(VENV)
 	$(VENV)/bin/mypy common services
 
 # pytest exits 5 when it collected nothing: an empty suite is a failure here too.
-test: lint
+test: lint $(BROWSER_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; fi; exit $$rc
 
