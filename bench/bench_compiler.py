@@ -11,7 +11,13 @@ conv2d slot:
   metadata parse); median of 20.
 - forward+backward at batch 64 of the loaded kernel, of the raw
   `ExportedProgram.module()` (before `streamline`), and of the eager module;
-  runs interleaved, fastest of 11 runs of 5 steps; target kernel/eager <= 1.1.
+  runs interleaved in alternating order, each run as many steps as take about
+  10 ms (at least one), at least 11 runs per module and as many as fit in about
+  2 s per module (at most 201). The times shown are each module's fastest run;
+  the ratios are the median over runs of (its run / the eager run next to it),
+  so that a burst of other work on the shared machine, which hits neighbouring
+  runs alike, cancels out instead of landing on one side. Target kernel/eager
+  <= 1.1.
 - warm cache hit through the agent: `Compile` over real gRPC to
   `python -m services.compiler` (started here on free ports, stopped by its
   PID; NATS and Redis on their standard local ports if they are there, the
@@ -51,7 +57,9 @@ SLOTS: tuple[LinearSlot | Conv2dSlot, ...] = (
     Conv2dSlot(channels=16, height=16, width=16),
 )
 BATCH = 64
-RUNS, ITERS = 11, 5
+MIN_RUNS, MAX_RUNS = 11, 201
+RUN_TARGET_S = 0.01  # steps per run: about this long, so fast blueprints are not timer noise
+MEASURE_S = 2.0  # per module: slow blueprints get more than MIN_RUNS runs, fast ones MAX_RUNS
 HITS = 20
 RPC_WARM_UP, RPC_HITS = 30, 300
 RPC_HIT_TARGET_MS = 5.0
@@ -59,28 +67,48 @@ RPC_BLUEPRINT, RPC_SLOT = "bottleneck_mlp", LinearSlot(features=256)
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def _step_time(modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
-    """Seconds per forward+backward of each module: the fastest of `RUNS` runs.
+def _step_time(
+    modules: dict[str, nn.Module], x: torch.Tensor
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per forward+backward of each module (its fastest run), and its ratio to
+    `modules["eager"]`: the median over runs of its run / the eager run of the same round.
 
-    Runs are interleaved, in alternating order, and the fastest run is kept:
-    on a shared machine the other runs measure the neighbours as much as the module.
+    Runs are interleaved, in alternating order: on a shared machine the other runs
+    measure the neighbours as much as the module, and neighbouring runs share them.
+    Every module gets the same number of runs of the same number of steps. A run
+    is short (about `RUN_TARGET_S`), so that one of them can fall between two
+    bursts of the neighbours' work even for a slow blueprint (a fast one takes
+    several steps per run, or the timer's resolution would count); slow
+    blueprints get more runs, up to what fits in `MEASURE_S` per module.
     """
 
     def step(module: nn.Module) -> None:
         module(x).sum().backward()
 
-    for module in modules.values():
+    first = {}
+    for name, module in modules.items():
         for _ in range(3):
             step(module)
+        started = time.perf_counter()
+        step(module)
+        first[name] = time.perf_counter() - started
+    slowest = max(first.values())
+    iters = max(1, round(RUN_TARGET_S / slowest))
+    runs = min(MAX_RUNS, max(MIN_RUNS, round(MEASURE_S / (slowest * iters))))
     samples: dict[str, list[float]] = {name: [] for name in modules}
     order = list(modules.items())
-    for run in range(RUNS):
+    for run in range(runs):
         for name, module in order if run % 2 == 0 else reversed(order):
             started = time.perf_counter()
-            for _ in range(ITERS):
+            for _ in range(iters):
                 step(module)
-            samples[name].append((time.perf_counter() - started) / ITERS)
-    return {name: min(values) for name, values in samples.items()}
+            samples[name].append((time.perf_counter() - started) / iters)
+    eager = samples["eager"]
+    ratios = {
+        name: statistics.median(t / e for t, e in zip(values, eager, strict=True))
+        for name, values in samples.items()
+    }
+    return {name: min(values) for name, values in samples.items()}, ratios
 
 
 async def _timed_compile(
@@ -134,9 +162,9 @@ async def _run(compiler: BlueprintCompiler) -> None:
                 "kernel": load_kernel(data, result.artifact_sha256),
                 "raw": torch.export.load(io.BytesIO(data)).module(),
             }
-            times = _step_time(modules, torch.randn(BATCH, *shape))
-            ratio = times["kernel"] / times["eager"]
-            raw_ratio = times["raw"] / times["eager"]
+            times, paired = _step_time(modules, torch.randn(BATCH, *shape))
+            ratio = paired["kernel"]
+            raw_ratio = paired["raw"]
             label = "x".join(str(d) for d in shape)
             colds.append(cold)
             hits.append(statistics.median(hit_times))

@@ -7,10 +7,16 @@ Two layers:
   and remembers the decision as pending; `record` adds a reported reward to the
   evidence. It marks what changed, and `take_writes` turns that into a `StoreWrite`.
 - `SeedSelector` is the asynchronous edge around it: it loads a job's state from the
-  `SelectorStore` on first use, calls the core, and then writes the changes through
-  to the store before answering (awaited, bounded by `store_timeout_s`), so a
-  returned decision survives a restart, and a Report for a decision made before a
-  restart still counts.
+  `SelectorStore` on first use, calls the core, and persists the changes. With
+  `write_behind_s = 0` (the default) it writes them through before answering
+  (awaited, bounded by `store_timeout_s`), so a returned decision survives any
+  restart. With `write_behind_s > 0` it answers at once and a background flush
+  writes what changed meanwhile, coalesced into one batch, about `write_behind_s`
+  later (and on `aclose`). A graceful stop loses nothing; a crash loses what was
+  decided or reported in the last `write_behind_s` plus one store round trip: a
+  decision from then is unknown after the restart (its Report is `NotFoundError`),
+  and a reward from then is not counted. Either way, a Report for a decision made
+  before a restart still counts once the decision reached the store.
 
 When the store cannot be reached the selector goes on deciding from memory: changes
 stay queued (coalesced per document) and are written on the next successful flush,
@@ -45,6 +51,7 @@ Decisions and reports:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -53,7 +60,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -69,6 +76,7 @@ from common.errors import (
     NotFoundError,
     UnavailableError,
 )
+from common.logging import get_logger
 from services.seed_selector.eligibility import (
     ArmOffer,
     Budget,
@@ -78,7 +86,7 @@ from services.seed_selector.eligibility import (
 )
 from services.seed_selector.store import SelectorStore, StoredJob, StoreWrite
 from services.seed_selector.strategies import Strategy, StrategyParams, choose
-from services.seed_selector.tracker import GLOBAL_SCOPE, Arm, DecayConfig, JobTracker
+from services.seed_selector.tracker import GLOBAL_SCOPE, Arm, ArmStats, DecayConfig, JobTracker
 
 __all__ = [
     "ArmSummary",
@@ -93,6 +101,7 @@ __all__ = [
 
 _FORMAT_VERSION = 1
 _T = TypeVar("_T")
+_log = get_logger(__name__)
 _UNBOUNDED_BUDGET = Budget()
 _UNBOUNDED_CONCURRENCY = Concurrency()
 
@@ -123,6 +132,14 @@ class SelectorConfig(BaseModel):
     )
     max_journal: int = Field(
         10_000, ge=0, description="outcomes kept per job started while the store was away"
+    )
+    write_behind_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="0: every call waits for its writes; > 0: calls answer at once and a "
+        "background flush writes their changes about this long later (see the module "
+        "docstring for what a crash then loses)",
     )
 
 
@@ -302,6 +319,20 @@ def _new_decision_id() -> str:
     n = _ids.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET
     h = f"{n:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _summary(st: ArmStats, scale: float) -> ArmSummary:
+    arm = st.arm
+    return ArmSummary(
+        arm.slot_id,
+        arm.blueprint,
+        st.pulls,
+        st.weight * scale,
+        st.mean,
+        st.successes * scale,
+        st.failures * scale,
+        st.last_update,
+    )
 
 
 def _scope(job_id: str | None) -> str:
@@ -639,21 +670,7 @@ class SelectorCore:
             raise NotFoundError(f"unknown job {scope!r}")
         tracker = job.tracker
         scale = tracker.scale(now)
-        arms = []
-        for arm in sorted(tracker.arms):
-            st = tracker.arms[arm]
-            arms.append(
-                ArmSummary(
-                    arm.slot_id,
-                    arm.blueprint,
-                    st.pulls,
-                    st.weight * scale,
-                    st.mean,
-                    st.successes * scale,
-                    st.failures * scale,
-                    st.last_update,
-                )
-            )
+        arms = [_summary(tracker.arms[arm], scale) for arm in sorted(tracker.arms)]
         return JobStats(
             scope,
             job.strategy or self._config.strategy,
@@ -662,6 +679,22 @@ class SelectorCore:
             tracker.features,
             tuple(arms),
         )
+
+    def summaries(
+        self, job_id: str | None, arms: Iterable[Arm], *, now: float
+    ) -> dict[Arm, ArmSummary]:
+        """The evidence of those of `arms` that were ever reported, as in `stats`.
+
+        `NotFoundError` when the job is not in memory.
+        """
+        scope = _scope(job_id)
+        job = self._jobs.get(scope)
+        if job is None:
+            raise NotFoundError(f"unknown job {scope!r}")
+        tracker = job.tracker
+        scale = tracker.scale(now)
+        known = tracker.arms
+        return {arm: _summary(known[arm], scale) for arm in arms if arm in known}
 
     # -- persistence ------------------------------------------------------------------
 
@@ -837,6 +870,8 @@ class SeedSelector:
         self._store_error: str | None = None
         self._store_down_since: float | None = None
         self._next_try = 0.0
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def core(self) -> SelectorCore:
@@ -858,7 +893,7 @@ class SeedSelector:
         """Apply per-job settings (see `SelectorCore.configure_job`) and persist them."""
         await self._load(job_id, create=True)
         self._core.configure_job(job_id, settings)
-        await self.flush()
+        await self._persist()
 
     async def select(
         self,
@@ -882,7 +917,7 @@ class SeedSelector:
             context=context,
             now=self._clock(),
         )
-        await self.flush()
+        await self._persist()
         return decision
 
     async def report(
@@ -910,7 +945,7 @@ class SeedSelector:
             if not core.is_synced(job_id):
                 await self.flush(force=True)
         outcome = core.record(decision_id, reward, metrics, now=self._clock())
-        await self.flush()
+        await self._persist()
         return outcome
 
     async def stats(self, job_id: str | None) -> JobStats:
@@ -918,8 +953,17 @@ class SeedSelector:
         await self._load(job_id, create=False)
         return self._core.stats(job_id, now=self._clock())
 
+    async def summaries(self, job_id: str | None, arms: Iterable[Arm]) -> dict[Arm, ArmSummary]:
+        """The evidence of some of the job's arms (see `SelectorCore.summaries`)."""
+        await self._load(job_id, create=False)
+        return self._core.summaries(job_id, arms, now=self._clock())
+
     async def reset(self, job_id: str | None, *, all_jobs: bool = False) -> None:
-        """Forget a job, or every job with `all_jobs=True`, here and in the store."""
+        """Forget a job, or every job with `all_jobs=True`, here and in the store.
+
+        Written through even with `write_behind_s`: resets are rare, and a job that
+        came back after a crash would be a surprise.
+        """
         self._core.reset(job_id, all_jobs=all_jobs)
         await self.flush()
 
@@ -947,14 +991,53 @@ class SeedSelector:
                     core.requeue(write)
                 self._degrade(exc)
                 return False
+            except BaseException:
+                # Cancelled (a closing caller) or a bug: whether the batch arrived is
+                # unknown, so it is written again; its documents are idempotent puts.
+                if write is not None:
+                    core.requeue(write)
+                raise
             self._store_error = None
             self._store_down_since = None
             return core.queued() == 0
 
     async def aclose(self) -> None:
         """Write what is queued (best effort) and close the store."""
+        self._closed = True
+        flusher = self._flusher
+        if flusher is not None:
+            # A batch cut off mid-write is requeued by `flush` and written below.
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
         await self.flush(force=True)
         await self._store.aclose()
+
+    async def _persist(self) -> None:
+        if self._config.write_behind_s <= 0.0:
+            await self.flush()
+        elif self._flusher is None and not self._closed:
+            self._flusher = asyncio.create_task(self._write_behind(), name="selector-write-behind")
+
+    async def _write_behind(self) -> None:
+        """Flush what is queued about `write_behind_s` after it was queued, until empty.
+
+        Changes made while a batch is being written go in the next one; while the
+        store is away, the retries are paced by `flush` and this task ends.
+        """
+        try:
+            while True:
+                await asyncio.sleep(self._config.write_behind_s)
+                await self.flush()
+                if self._store_error is not None or not self._core.queued():
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The next call starts another flush; a bug must not be lost silently.
+            _log.exception("selector write-behind flush failed")
+        finally:
+            self._flusher = None
 
     async def _load(self, job_id: str | None, *, create: bool) -> None:
         scope = _scope(job_id)

@@ -203,8 +203,13 @@ class ArmStats:
         Folds queued LinUCB outcomes in first when more than a few are queued, so
         documents stay small.
         """
-        if len(self.lin_pending) > _SEQUENTIAL_FOLD_MAX:
-            self.fold_linear(None)
+        pending = self.lin_pending
+        if len(pending) > _SEQUENTIAL_FOLD_MAX:
+            # The regulariser is topped up here too (with the scale of the last outcome:
+            # its weight is 1 / scale): under a strategy other than LinUCB nothing else
+            # folds with a scale, and outcomes weighing ever more against a decayed
+            # prior would make A singular within a few thousand reports.
+            self.fold_linear(1.0 / pending[-1][2])
         return {
             "slot_id": self.arm.slot_id,
             "blueprint": self.arm.blueprint,

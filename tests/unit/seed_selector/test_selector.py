@@ -28,6 +28,7 @@ from services.seed_selector import (
     StoreWrite,
     Strategy,
 )
+from tests.wait import eventually
 
 OFFERS = [ArmOffer(f"s{i}", "bp", added_params=100) for i in range(4)]
 
@@ -303,3 +304,62 @@ async def test_degraded_selector_asks_the_store_at_most_once_per_retry_interval(
     await selector.select("job", OFFERS)
     assert store.calls > calls
     assert selector.degraded_reason is None
+
+
+# -- write-behind -------------------------------------------------------------------------
+
+
+async def test_write_behind_answers_before_the_store_and_writes_soon_after() -> None:
+    store = _SwitchableStore()
+    first = SeedSelector(store, SelectorConfig(write_behind_s=0.01))
+    decision = await first.select("job", OFFERS)
+    # Answered without a write: nothing of the decision is stored yet.
+    assert await store.inner.get_decision(decision.decision_id) is None
+
+    async def stored() -> bool:
+        return await store.inner.get_decision(decision.decision_id) is not None
+
+    await eventually(stored, 10, "the decision reaching the store")
+    # A restart after the flush, without closing the first: the report still counts.
+    second = SeedSelector(store)
+    outcome = await second.report(decision.decision_id, 1.0)
+    assert outcome.arm == decision.arm and not outcome.duplicate
+    assert (await second.stats("job")).reports == 1
+    await first.aclose()
+
+
+async def test_write_behind_writes_everything_on_close() -> None:
+    store = InMemorySelectorStore()
+    selector = SeedSelector(store, SelectorConfig(write_behind_s=30.0))
+    for _ in range(10):
+        decision = await selector.select("job", OFFERS)
+        await selector.report(decision.decision_id, 0.5)
+    pending = await selector.select("job", OFFERS)
+    await selector.aclose()
+
+    after = SeedSelector(store)
+    stats = await after.stats("job")
+    assert (stats.decisions, stats.reports) == (11, 10)
+    assert (await after.report(pending.decision_id, 1.0)).arm == pending.arm
+
+
+async def test_write_behind_notices_an_outage_in_the_background_and_recovers() -> None:
+    store = _SwitchableStore()
+    selector = SeedSelector(store, SelectorConfig(write_behind_s=0.005, store_retry_interval_s=0.0))
+    await selector.select("job", OFFERS)
+    await eventually(lambda: selector.core.queued() == 0, 10, "the first writes")
+    store.down = True
+    decision = await selector.select("job", OFFERS)
+    assert decision.arm is not None
+    await eventually(lambda: selector.degraded_reason is not None, 10, "degradation")
+    reason = selector.degraded_reason
+    assert reason is not None and "store switched off" in reason
+    await selector.report(decision.decision_id, 1.0)  # still decided from memory
+
+    store.down = False
+    await selector.select("job", OFFERS)  # the next call's flush finds the store again
+    await eventually(lambda: selector.degraded_reason is None, 10, "recovery")
+    await eventually(lambda: selector.core.queued() == 0, 10, "the queued writes")
+    after = SeedSelector(store)
+    assert (await after.stats("job")).reports == 1
+    await selector.aclose()
