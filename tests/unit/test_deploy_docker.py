@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 import yaml
 
 from common.config import StartupConfig, load_config
 from common.infra import nats_server_binary, redis_server_binary
-from services.supervisor.cli import app
+from tests.unit.graftmesh_argv import parse_graftmesh
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -41,20 +40,6 @@ AGENT_HEALTHCHECK: dict[str, Any] = {
 
 
 # --- the CLI the artifacts call -------------------------------------------------------
-
-
-def parse_graftmesh(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """The verb and parsed parameters of a `graftmesh ...` command line; fails on bad usage."""
-    assert argv and argv[0] == "graftmesh", argv
-    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    verb, *rest = argv[1:]
-    registered = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
-    assert verb in registered, f"`graftmesh {verb}` is not a command ({sorted(registered)})"
-    try:
-        ctx = commands[verb].make_context(verb, list(rest))
-    except typer.TyperException as exc:
-        pytest.fail(f"`{shlex.join(argv)}` does not parse: {exc}")
-    return verb, dict(ctx.params)
 
 
 def test_parse_graftmesh_refuses_unknown_verbs_and_options() -> None:

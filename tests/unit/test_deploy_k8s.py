@@ -15,7 +15,6 @@ import base64
 import copy
 import json
 import re
-import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,11 +23,10 @@ from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-import typer
 import yaml
 
 from common.config import StartupConfig, load_config
-from services.supervisor.cli import app
+from tests.unit.graftmesh_argv import parse_graftmesh
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -41,20 +39,6 @@ HTTP_AGENTS = {"console"}
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 Obj = dict[str, Any]
-
-
-def parse_graftmesh(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """The verb and parsed parameters of a `graftmesh ...` command line; fails on bad usage."""
-    assert argv and argv[0] == "graftmesh", argv
-    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    verb, *rest = argv[1:]
-    registered = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
-    assert verb in registered, f"`graftmesh {verb}` is not a command ({sorted(registered)})"
-    try:
-        ctx = commands[verb].make_context(verb, list(rest))
-    except typer.TyperException as exc:
-        pytest.fail(f"`{shlex.join(argv)}` does not parse: {exc}")
-    return verb, dict(ctx.params)
 
 
 # --- a small kustomize ----------------------------------------------------------------
