@@ -6,11 +6,12 @@ Layout under `root` (by default `<run_dir>/registry/artifacts`):
     <root>/.incoming/          uploads in progress (removed at start)
 
 An upload is written to a temporary file in `.incoming/`, hashed as it
-arrives and flushed to disk every 8 MiB; `commit` fsyncs it, renames it to its
-digest's path and fsyncs the folder, so a file under its digest is always
-complete. Identical content is stored once, whichever versions refer to it.
-`open_verified` checks size and sha256 before handing out a file: a corrupt or
-missing artifact raises `IntegrityError` (DATA_LOSS) and is never served.
+arrives and flushed to disk in the background every 8 MiB (then dropped from
+the page cache); `commit` fsyncs it, renames it to its digest's path and
+fsyncs the folder, so a file under its digest is always complete. Identical
+content is stored once, whichever versions refer to it. `open_verified` checks
+size and sha256 before handing out a file: a corrupt or missing artifact raises
+`IntegrityError` (DATA_LOSS) and is never served.
 
 `ArtifactStore` is the whole surface the registry uses; `FileArtifactStore` is
 its one implementation. Its methods block (file I/O): call them from a worker
@@ -25,7 +26,8 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -51,7 +53,7 @@ class ArtifactWriter(Protocol):
         """Bytes written so far."""
         ...
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Append `data`."""
         ...
 
@@ -73,6 +75,13 @@ class ArtifactStore(Protocol):
 
     def commit(self, writer: ArtifactWriter) -> str:
         """Make a received file durable under its digest (atomically); the digest."""
+        ...
+
+    def commit_all(self, writers: Sequence[ArtifactWriter]) -> list[str]:
+        """`commit` each of `writers`, in one go; their digests, in order.
+
+        On failure none of them is left in progress (each is committed or dropped).
+        """
         ...
 
     def open_verified(self, digest: str, size: int) -> BinaryIO:
@@ -113,13 +122,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _FileWriter:
-    """`ArtifactWriter` over a temporary file in the store's incoming folder."""
+def _flush(fd: int, upto: int) -> None:
+    """Write the file's first `upto` bytes to disk, then drop them from the page cache.
 
-    def __init__(self, folder: Path) -> None:
+    Artifacts are written once and read rarely (a download re-reads and checks
+    the whole file anyway), so keeping their pages cached only grows the cache:
+    dropped pages are reused by the rest of the upload, which then writes into
+    memory already in use instead of fresh pages.
+    """
+    os.fdatasync(fd)
+    _drop_cached(fd, upto)
+
+
+def _drop_cached(fd: int, upto: int) -> None:
+    """Drop the clean cached pages of the file's first `upto` bytes (0: all of it)."""
+    with contextlib.suppress(OSError):  # only advice: the bytes are on disk either way
+        os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
+
+
+def _drop_and_close(fd: int) -> None:
+    _drop_cached(fd, 0)
+    os.close(fd)
+
+
+class _FileWriter:
+    """`ArtifactWriter` over a temporary file in the store's incoming folder.
+
+    Bytes go straight to the file descriptor (no buffer to copy them into).
+    Every `_SYNC_EVERY` bytes a flush to disk (`_flush`) starts on `flusher` and
+    the writes go on meanwhile: the disk works while the rest of the upload
+    arrives and is hashed, no write waits for it, and the fsync at commit has
+    only the tail left.
+    """
+
+    def __init__(self, folder: Path, flusher: ThreadPoolExecutor) -> None:
         fd, name = tempfile.mkstemp(dir=folder, prefix="upload-")
         self.path = Path(name)
-        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self._fd: int | None = fd
+        self._flusher = flusher
+        self._flushing: Future[None] | None = None
         self._hash = hashlib.sha256()
         self._size = 0
         self._unsynced = 0
@@ -129,29 +170,56 @@ class _FileWriter:
     def size(self) -> int:
         return self._size
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        fd = self._open_fd()
+        view = memoryview(data)
         with _disk_space():
-            self.file.write(data)
-        self._hash.update(data)
-        self._size += len(data)
-        self._unsynced += len(data)
-        if self._unsynced >= _SYNC_EVERY:
-            # Flush while the upload goes on, so the fsync at commit has little left to do.
-            with _disk_space():
-                self.file.flush()
-                os.fdatasync(self.file.fileno())
-            self._unsynced = 0
+            while view:
+                view = view[os.write(fd, view) :]
+            self._hash.update(data)
+            self._size += len(data)
+            self._unsynced += len(data)
+            flushing = self._flushing
+            if self._unsynced >= _SYNC_EVERY and (flushing is None or flushing.done()):
+                self._wait_flushed()  # a failed flush fails the upload now, not at commit
+                self._flushing = self._flusher.submit(_flush, fd, self._size)
+                self._unsynced = 0
 
     def digest(self) -> str:
         return self._hash.hexdigest()
+
+    def sync_and_close(self) -> None:
+        """Make every byte durable and close the file (the writer is then only a path)."""
+        fd = self._open_fd()
+        with _disk_space():
+            # A writeback error is reported to one fsync only: the flush's, if it got it.
+            self._wait_flushed()
+            os.fsync(fd)
+        self._fd = None
+        # Freeing the pages of the tail takes a while: the commit need not wait for it.
+        self._flusher.submit(_drop_and_close, fd)
 
     def abort(self) -> None:
         if self.done:
             return
         self.done = True
         with contextlib.suppress(OSError):
-            self.file.close()
+            self._wait_flushed()  # the fd must not be closed under a flush still to run
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
         self.path.unlink(missing_ok=True)
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError("the file was already closed")
+        return self._fd
+
+    def _wait_flushed(self) -> None:
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            flushing.result()
 
 
 class FileArtifactStore:
@@ -161,6 +229,8 @@ class FileArtifactStore:
         self._root = Path(root)
         self._incoming = self._root / _INCOMING
         self._incoming.mkdir(parents=True, exist_ok=True)
+        # Flushes of uploads in progress run here, beside the writes (see `_FileWriter`).
+        self._flusher = ThreadPoolExecutor(2, thread_name_prefix="artifact-flush")
 
     @property
     def root(self) -> Path:
@@ -174,31 +244,37 @@ class FileArtifactStore:
         return self._root / digest[:2] / digest
 
     def begin(self) -> ArtifactWriter:
-        return _FileWriter(self._incoming)
+        return _FileWriter(self._incoming, self._flusher)
 
     def commit(self, writer: ArtifactWriter) -> str:
-        if not isinstance(writer, _FileWriter) or writer.done:
-            raise ValueError("commit takes a writer from this store's begin(), once")
-        digest = writer.digest()
-        target = self.path(digest)
+        return self.commit_all([writer])[0]
+
+    def commit_all(self, writers: Sequence[ArtifactWriter]) -> list[str]:
+        files = [w for w in writers if isinstance(w, _FileWriter) and not w.done]
+        if len(files) != len(writers) or len({id(f) for f in files}) != len(files):
+            raise ValueError("commit takes writers from this store's begin(), each once")
         try:
-            with _disk_space():
-                writer.file.flush()
-                os.fsync(writer.file.fileno())
-                writer.file.close()
-            os.chmod(writer.path, 0o444)  # content-addressed: never written in place
-            shard = target.parent
-            if not shard.is_dir():
-                shard.mkdir(exist_ok=True)
-                _fsync_dir(self._root)
-            # Replacing an existing copy is harmless (same content) and heals a damaged one.
-            os.replace(writer.path, target)
-            writer.done = True
-            _fsync_dir(shard)
+            for file in files:
+                file.sync_and_close()
+                os.chmod(file.path, 0o444)  # content-addressed: never written in place
+            # Every file is on disk: now their names, with one folder fsync for all of them.
+            folders = set()
+            for file in files:
+                shard = self.path(file.digest()).parent
+                if not shard.is_dir():
+                    shard.mkdir(exist_ok=True)
+                    folders.add(self._root)
+                # Replacing an existing copy is harmless (same content) and heals a damaged one.
+                os.replace(file.path, shard / file.digest())
+                file.done = True
+                folders.add(shard)
+            for folder in sorted(folders, key=lambda f: f != self._root):
+                _fsync_dir(folder)
         except BaseException:
-            writer.abort()
+            for file in files:
+                file.abort()
             raise
-        return digest
+        return [file.digest() for file in files]
 
     def open_verified(self, digest: str, size: int) -> BinaryIO:
         path = self.path(digest)

@@ -81,7 +81,7 @@ class Chunk:
 
     file_name: str
     offset: int
-    data: bytes
+    data: bytes | memoryview
 
 
 class Download:
@@ -133,7 +133,9 @@ class _WriteQueue:
         self._pending: deque[tuple[asyncio.Future[None], int]] = deque()
         self._bytes = 0
 
-    async def put(self, write: Callable[[bytes], None], data: bytes) -> None:
+    async def put(
+        self, write: Callable[[bytes | memoryview], None], data: bytes | memoryview
+    ) -> None:
         """Queue `write(data)` after the writes queued before; wait while too much is queued."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="registry-upload")
@@ -268,7 +270,7 @@ class ModelRegistry:
 
     def _commit(self, new: NewVersion, writers: Mapping[str, ArtifactWriter]) -> Registered:
         with self._files_lock:
-            committed = [self._artifacts.commit(w) for w in writers.values()]
+            committed = self._artifacts.commit_all(list(writers.values()))
             try:
                 return self._store.create_version(new)
             except BaseException:

@@ -6,7 +6,8 @@ are raised as the mesh's errors and mapped to statuses by the gRPC server.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import grpc
 
@@ -33,8 +34,9 @@ from services.registry.registry import Chunk, ModelRegistry
 from services.registry.settings import RegistrySettings
 from services.registry.sql_store import SqlRegistryStore
 from services.registry.validation import check_alias, check_file_name, check_model_name, check_text
+from services.registry.wire import RawChunk, parse_register_request
 
-__all__ = ["MAX_CHUNK_SIZE", "RegistryAgent", "RegistryServicer", "build"]
+__all__ = ["MAX_CHUNK_SIZE", "RegistryAgent", "RegistryServicer", "add_to_server", "build"]
 
 _log = get_logger(__name__)
 
@@ -43,10 +45,14 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
 
-async def _chunks(
-    requests: AsyncIterator[registry_pb2.RegisterModelRequest],
-) -> AsyncIterator[Chunk]:
+RegisterRequest = registry_pb2.RegisterModelRequest | RawChunk
+
+
+async def _chunks(requests: AsyncIterator[RegisterRequest]) -> AsyncIterator[Chunk]:
     async for request in requests:
+        if isinstance(request, RawChunk):
+            yield Chunk(request.file_name, request.offset, request.data)
+            continue
         if request.WhichOneof("part") != "chunk":
             raise InvalidArgumentError(
                 "the metadata comes once, in the first message; then only chunks",
@@ -64,11 +70,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def RegisterModel(
         self,
-        request_iterator: AsyncIterator[registry_pb2.RegisterModelRequest],
+        request_iterator: AsyncIterator[RegisterRequest],
         context: Context,
     ) -> registry_pb2.RegisterModelResponse:
+        """Requests come parsed by `parse_register_request` (see `add_to_server`)."""
         first = await anext(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "metadata":
+        if first is None or isinstance(first, RawChunk) or first.WhichOneof("part") != "metadata":
             raise InvalidArgumentError(
                 "the first message must carry the version's metadata", field="metadata"
             )
@@ -219,6 +226,43 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.DeleteModelVersionResponse()
 
 
+class _HandlerRecorder:
+    """Takes the place of a server to collect the handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[object]) -> None:
+        pass  # the same handlers come through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers.update(method_handlers)
+
+
+def add_to_server(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
+    """Serve `servicer` on `server`, `RegisterModel` with its own request parser.
+
+    The handlers are the generated ones, except that `RegisterModel`'s requests
+    are parsed by `parse_register_request`: an upload's chunks then reach the
+    hash and the disk without being copied out of the received messages.
+    """
+    recorder = _HandlerRecorder()
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+        servicer, cast(grpc.aio.Server, recorder)
+    )
+    handlers = dict(recorder.handlers)
+    generated = handlers["RegisterModel"]
+    handlers["RegisterModel"] = grpc.stream_unary_rpc_method_handler(
+        servicer.RegisterModel,
+        request_deserializer=parse_register_request,
+        response_serializer=generated.response_serializer,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class RegistryAgent:
     """The registry as an `AgentService`: its database and artifacts are ready once built."""
 
@@ -236,7 +280,7 @@ class RegistryAgent:
         self.registry.sweep()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+        add_to_server(
             RegistryServicer(self.registry, max_file_bytes=self._settings.max_file_bytes), server
         )
 

@@ -106,3 +106,36 @@ def test_remove_is_quiet_for_a_file_that_is_gone(tmp_path: Path) -> None:
     store.remove(digest)
     store.remove(digest)
     assert not store.path(digest).exists()
+
+
+def test_a_large_upload_flushed_while_written_is_stored_whole(tmp_path: Path) -> None:
+    store = FileArtifactStore(tmp_path)
+    data = os.urandom(20 * 1024 * 1024)  # past several background flushes
+    digest = put(store, data, pieces=40)
+    assert digest == hashlib.sha256(data).hexdigest()
+    with store.open_verified(digest, len(data)) as handle:
+        assert handle.read() == data
+
+
+def test_an_upload_aborted_while_flushing_leaves_nothing(tmp_path: Path) -> None:
+    store = FileArtifactStore(tmp_path)
+    writer = store.begin()
+    for _ in range(9):
+        writer.write(memoryview(os.urandom(1024 * 1024)))
+    writer.abort()
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+def test_commit_all_stores_every_file_under_its_digest(tmp_path: Path) -> None:
+    store = FileArtifactStore(tmp_path)
+    contents = [b"model" * 1000, b'{"manifest": 1}', b"model" * 1000]
+    writers = [store.begin() for _ in contents]
+    for writer, data in zip(writers, contents, strict=True):
+        writer.write(data)
+    digests = store.commit_all(writers)
+    assert digests == [hashlib.sha256(d).hexdigest() for d in contents]
+    for digest, data in zip(digests, contents, strict=True):
+        assert store.path(digest).read_bytes() == data
+    assert list((tmp_path / ".incoming").iterdir()) == []
+    with pytest.raises(ValueError, match="each once"):
+        store.commit(writers[0])
