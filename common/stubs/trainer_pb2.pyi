@@ -807,12 +807,15 @@ class TrainingProgress(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SAMPLES_PER_S_FIELD_NUMBER: _builtins.int
+    PARAM_COUNT_FIELD_NUMBER: _builtins.int
     train_loss: _builtins.float
     val_loss: _builtins.float
     """Set on validation steps."""
     learning_rate: _builtins.float
     samples_per_s: _builtins.float
     """Mean training throughput since the previous progress event."""
+    param_count: _builtins.int
+    """Parameters of the model at this step, grafted seeds included."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -823,10 +826,11 @@ class TrainingProgress(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         learning_rate: _builtins.float = ...,
         samples_per_s: _builtins.float = ...,
+        param_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_val_loss", b"_val_loss", "val_loss", b"val_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_val_loss", b"_val_loss", "learning_rate", b"learning_rate", "metrics", b"metrics", "samples_per_s", b"samples_per_s", "train_loss", b"train_loss", "val_loss", b"val_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_val_loss", b"_val_loss", "learning_rate", b"learning_rate", "metrics", b"metrics", "param_count", b"param_count", "samples_per_s", b"samples_per_s", "train_loss", b"train_loss", "val_loss", b"val_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__val_loss: _TypeAlias = _typing.Literal["val_loss"]  # noqa: Y015
     _WhichOneofArgType__val_loss: _TypeAlias = _typing.Literal["_val_loss", b"_val_loss"]  # noqa: Y015

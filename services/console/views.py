@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -26,8 +25,6 @@ from common.stubs import (
 )
 
 __all__ = [
-    "ACTIVE_SEED_STATES",
-    "ParamTrack",
     "agent_view",
     "alert_groups",
     "alert_view",
@@ -45,10 +42,6 @@ __all__ = [
 
 View = dict[str, Any]
 
-# Seeds that add parameters to the model while in these states.
-ACTIVE_SEED_STATES: Final = frozenset(
-    {"GERMINATED", "TRAINING", "BLENDING", "HOLDING", "FOSSILIZED"}
-)
 _SEVERITIES: Final = ("debug", "info", "warning", "error", "critical")
 
 
@@ -249,41 +242,6 @@ def job_view(job: trainer_pb2.Job, *, detail: bool = False) -> View:
     return view
 
 
-@dataclass
-class ParamTrack:
-    """Parameters of a job's model over its slot transitions.
-
-    `TrainingProgress` carries no parameter count and `SlotTransition` no added
-    parameters, so the count is rebuilt from a snapshot of the job: the host's own
-    parameters (the count less what its active seeds add), plus each slot's
-    `added_params` while its seed is active. A seed culled before the snapshot
-    counts as its slot's current seed (the contract keeps no other figure).
-    """
-
-    base: int
-    added: dict[str, int]
-    active: set[str] = field(default_factory=set)
-
-    @classmethod
-    def of(cls, job: trainer_pb2.Job) -> ParamTrack:
-        added = {s.slot_id: int(s.added_params) for s in job.slots}
-        active = {s.slot_id for s in job.slots if seed_state(s.state) in ACTIVE_SEED_STATES}
-        base = int(job.progress.param_count) - sum(added[s] for s in active)
-        return cls(base=max(base, 0), added=added)
-
-    def apply(self, slot_id: str, to_state: str) -> int:
-        """The count after `slot_id` moved to `to_state`."""
-        if to_state in ACTIVE_SEED_STATES:
-            self.active.add(slot_id)
-        else:
-            self.active.discard(slot_id)
-        return self.count
-
-    @property
-    def count(self) -> int:
-        return self.base + sum(self.added.get(s, 0) for s in self.active)
-
-
 def job_event_view(event: trainer_pb2.JobEvent) -> View:
     view: View = {
         "sequence": event.sequence,
@@ -301,6 +259,8 @@ def job_event_view(event: trainer_pb2.JobEvent) -> View:
             metrics=_metrics(p.metrics),
             learning_rate=_finite(p.learning_rate),
             samples_per_s=_finite(p.samples_per_s),
+            # 0 until the job has built its model.
+            param_count=p.param_count or None,
         )
     elif kind == "slot_transition":
         t = event.slot_transition

@@ -536,9 +536,9 @@ class ConsoleApp:
     async def api_job_events(self, request: Request) -> Response:
         """Server-sent events of one job: its retained events, then live ones until it ends.
 
-        Each `job` event carries the `JobEvent` (`views.job_event_view`); slot
-        transitions also carry the model's `param_count` after them. The stream
-        resumes after `Last-Event-ID` (or `?after=`), and ends with an `end` event.
+        Each `job` event carries the `JobEvent` (`views.job_event_view`; progress
+        events carry the model's parameter count). The stream resumes after
+        `Last-Event-ID` (or `?after=`), and ends with an `end` event.
         """
         self._read_guard(request)
         job_id = request.path_params["job_id"]
@@ -547,33 +547,13 @@ class ConsoleApp:
             after = max(int(raw_after), 0)
         except ValueError:
             raise ConsoleError(400, "after: a whole number") from None
-        job = await self._job(job_id)
-        track = views.ParamTrack.of(job)
-        if after:
-            active = views.ACTIVE_SEED_STATES
-            track.active = {s.slot_id for s in job.slots if views.seed_state(s.state) in active}
-        live_from = job.last_event_sequence
+        await self._job(job_id)  # 404 for an unknown job, before the stream starts
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
-            # A job that has not built its model yet reports 0 parameters.
-            known = track.count > 0
-            if not after and known:
-                start = {"kind": "params", "step": 0, "param_count": track.count}
-                yield f"event: job\ndata: {json.dumps(start)}\n\n"
             try:
                 async for event in self.clients.watch_job(job_id, after):
                     view = views.job_event_view(event)
-                    if view["kind"] == "progress" and not known and event.sequence > live_from:
-                        count = await self._live_params(job_id, 0)
-                        if count > 0:
-                            known = True
-                            track.base = count
-                            view["param_count"] = count
-                    elif view["kind"] == "slot_transition":
-                        view["param_count"] = track.apply(view["slot_id"], view["to_state"])
-                        if event.sequence > live_from:
-                            view["param_count"] = await self._live_params(job_id, track.count)
                     yield f"id: {event.sequence}\nevent: job\ndata: {json.dumps(view)}\n\n"
                     if self.stopping.is_set():
                         return
@@ -582,12 +562,6 @@ class ConsoleApp:
                 yield f"event: failure\ndata: {json.dumps({'error': exc.describe()})}\n\n"
 
         return _sse(stream())
-
-    async def _live_params(self, job_id: str, fallback: int) -> int:
-        try:
-            return int((await self.clients.get_job(job_id)).progress.param_count)
-        except CallFailed:
-            return fallback
 
     # ------------------------------------------------------------------ models
 

@@ -441,6 +441,7 @@ def _event_payload(event: TrainingEvent) -> dict[str, Any] | None:
             metrics={k: float(v) for k, v in event.metrics.items()},
             learning_rate=event.learning_rate,
             samples_per_s=event.samples_per_s,
+            param_count=event.param_count,
         )
         if event.val_loss is not None:
             progress.val_loss = event.val_loss

@@ -75,24 +75,6 @@ def test_graph_layout_of_a_cycle_or_garbage_is_bounded_or_none() -> None:
     assert views.graph_layout('{"nodes": 3}') is None
 
 
-def test_param_track_rebuilds_the_count_from_the_final_slots() -> None:
-    job = trainer_pb2.Job(
-        progress=trainer_pb2.JobProgress(param_count=150),
-        slots=[
-            trainer_pb2.SlotStatus(
-                slot_id="a", state=common_pb2.SEED_STATE_FOSSILIZED, added_params=30
-            ),
-            trainer_pb2.SlotStatus(slot_id="b", state=common_pb2.SEED_STATE_CULLED, added_params=7),
-        ],
-    )
-    track = views.ParamTrack.of(job)
-    assert track.count == 120
-    assert track.apply("b", "GERMINATED") == 127
-    assert track.apply("a", "GERMINATED") == 157
-    assert track.apply("b", "CULLED") == 150
-    assert track.apply("a", "FOSSILIZED") == 150
-
-
 def test_job_event_view_of_each_payload() -> None:
     progress = trainer_pb2.JobEvent(
         sequence=3, step=10, progress=trainer_pb2.TrainingProgress(train_loss=0.5)

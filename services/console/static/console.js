@@ -225,7 +225,10 @@
       s.maxStep = Math.max(s.maxStep, ev.step || 0);
       if (ev.kind === "progress") {
         if (ev.train_loss !== null) s.train.push([ev.step, ev.train_loss]);
-        if (ev.param_count !== undefined) s.params.push([ev.step, ev.param_count]);
+        if (ev.param_count) {
+          s.params.push([ev.step, ev.param_count]);
+          setText("job-params", num(ev.param_count));
+        }
         if (ev.val_loss !== null) s.val.push([ev.step, ev.val_loss]);
         Object.keys(ev.metrics || {}).forEach(function (k) {
           if (ev.metrics[k] === null) return;
@@ -234,16 +237,10 @@
         setText("job-step", ev.step);
         setText("job-train-loss", num(ev.train_loss));
         if (ev.val_loss !== null) setText("job-val-loss", num(ev.val_loss));
-      } else if (ev.kind === "params") {
-        s.params.push([ev.step, ev.param_count]);
       } else if (ev.kind === "slot_transition") {
         if (MARKED[ev.to_state]) s.markers.push({ step: ev.step, state: ev.to_state, slot: ev.slot_id });
         (s.moves[ev.slot_id] = s.moves[ev.slot_id] || []).push({ step: ev.step, state: ev.to_state });
         if (slots.indexOf(ev.slot_id) < 0) slots.push(ev.slot_id);
-        if (ev.param_count !== undefined) {
-          s.params.push([ev.step, ev.param_count]);
-          setText("job-params", num(ev.param_count));
-        }
         note("step " + ev.step + ": " + ev.slot_id + " " + ev.from_state.toLowerCase() + " → " +
           ev.to_state.toLowerCase() + (ev.blueprint ? " (" + ev.blueprint + ")" : "") +
           (ev.reason ? ": " + ev.reason : ""));
