@@ -253,7 +253,7 @@ def mesh(
     # Short windows keep the test fast (quiet_s long enough that a loaded machine does not
     # split one burst in two); the production defaults are checked in unit tests.
     rules.write_text(
-        yaml.safe_dump({"floods": {"connection": {"threshold": 10, "window_s": 5, "quiet_s": 3}}})
+        yaml.safe_dump({"floods": {"connection": {"threshold": 10, "window_s": 5, "quiet_s": 6}}})
     )
     config = run_dir / "startup_config.yaml"
     config.write_text(
