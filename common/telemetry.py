@@ -110,13 +110,6 @@ def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """Interceptors that continue the caller's trace in a gRPC aio server."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    return [aio_server_interceptor()]  # type: ignore[no-untyped-call]
-
-
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Interceptors that send the current trace context with every gRPC aio call."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
