@@ -26,6 +26,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 _log = logging.getLogger(__name__)
 
@@ -86,10 +87,14 @@ def setup_telemetry(
     resource = Resource.create(
         {"service.name": service, "service.namespace": "graftmesh", "host.name": machine}
     )
-    tracer_provider = TracerProvider(resource=resource)
     exporter = span_exporter or _otlp_exporter()
     if exporter is not None:
+        tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    else:
+        # Nothing would receive the spans: record none. Trace ids are still made and
+        # passed on (logs, error events, outgoing calls), spans just cost less.
+        tracer_provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     trace.set_tracer_provider(tracer_provider)
 
     meter_provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
