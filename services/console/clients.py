@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import getpass
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
 
@@ -88,6 +88,21 @@ class CallFailed(Exception):
         if self.unavailable:
             return f"the {self.agent} is not reachable right now ({self.details})"
         return self.details or self.code.name
+
+
+async def _all_pages(
+    fetch: Callable[[common_pb2.PageRequest], Awaitable[tuple[Any, str]]],
+) -> list[Any]:
+    """Every item of a paginated listing (`fetch(page)` -> items, next page token),
+    at most `_MAX_PAGES` pages."""
+    found: list[Any] = []
+    token = ""
+    for _ in range(_MAX_PAGES):
+        items, token = await fetch(common_pb2.PageRequest(page_size=_PAGE_SIZE, page_token=token))
+        found.extend(items)
+        if not token:
+            break
+    return found
 
 
 class MeshClients:
@@ -225,20 +240,14 @@ class MeshClients:
     async def list_models(self) -> list[registry_pb2.ModelSummary]:
         async def call(ch: grpc.aio.Channel) -> list[registry_pb2.ModelSummary]:
             stub = registry_pb2_grpc.RegistryServiceStub(ch)
-            found: list[registry_pb2.ModelSummary] = []
-            token = ""
-            for _ in range(_MAX_PAGES):
+
+            async def page(request: common_pb2.PageRequest) -> Any:
                 reply = await stub.ListModels(
-                    registry_pb2.ListModelsRequest(
-                        page=common_pb2.PageRequest(page_size=_PAGE_SIZE, page_token=token)
-                    ),
-                    timeout=_TIMEOUT_S,
+                    registry_pb2.ListModelsRequest(page=request), timeout=_TIMEOUT_S
                 )
-                found.extend(reply.models)
-                token = reply.page.next_page_token
-                if not token:
-                    break
-            return found
+                return reply.models, reply.page.next_page_token
+
+            return await _all_pages(page)
 
         return await self._call(self.registry, call)
 
@@ -350,20 +359,14 @@ class MeshClients:
     async def kernels(self) -> list[compiler_pb2.KernelInfo]:
         async def call(ch: grpc.aio.Channel) -> list[compiler_pb2.KernelInfo]:
             stub = compiler_pb2_grpc.CompilerServiceStub(ch)
-            found: list[compiler_pb2.KernelInfo] = []
-            token = ""
-            for _ in range(_MAX_PAGES):
+
+            async def page(request: common_pb2.PageRequest) -> Any:
                 reply = await stub.ListKernels(
-                    compiler_pb2.ListKernelsRequest(
-                        page=common_pb2.PageRequest(page_size=_PAGE_SIZE, page_token=token)
-                    ),
-                    timeout=_TIMEOUT_S,
+                    compiler_pb2.ListKernelsRequest(page=request), timeout=_TIMEOUT_S
                 )
-                found.extend(reply.kernels)
-                token = reply.page.next_page_token
-                if not token:
-                    break
-            return found
+                return reply.kernels, reply.page.next_page_token
+
+            return await _all_pages(page)
 
         return await self._call(self.compiler, call)
 
