@@ -117,17 +117,6 @@ class Security:
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [TokenAuthInterceptor(self.token)] if self.token else []
 
-    def aio_client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        if not self.token:
-            return []
-        metadata = self.call_metadata()
-        return [
-            _AioUnaryUnary(metadata),
-            _AioUnaryStream(metadata),
-            _AioStreamUnary(metadata),
-            _AioStreamStream(metadata),
-        ]
-
     def intercept_sync(self, channel: grpc.Channel) -> grpc.Channel:
         if not self.token:
             return channel
@@ -198,51 +187,6 @@ def _denying_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethod
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(_deny_stream, **kwargs)
     return grpc.stream_stream_rpc_method_handler(_deny_stream, **kwargs)
-
-
-# Client side. grpc.aio files each interceptor under exactly one of the four call
-# kinds, so the token needs one small class per kind.
-
-
-def _with_token(details: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
-    merged = grpc.aio.Metadata(*(details.metadata or ()), *metadata)
-    return details._replace(metadata=merged)
-
-
-class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_token(details, self._metadata), request)
-
-
-class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_token(details, self._metadata), request)
-
-
-class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    async def intercept_stream_unary(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_token(details, self._metadata), request_iterator)
-
-
-class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_token(details, self._metadata), request_iterator)
 
 
 class _SyncTokenInterceptor(

@@ -5,8 +5,8 @@
   is installed; otherwise they still propagate (trace ids in logs and error events).
 - Metrics: a `MeterProvider` whose reader is the Prometheus exporter, scraped on
   the agent's metrics port (`GRAFTMESH_METRICS_PORT`).
-- gRPC: OpenTelemetry's own interceptors (`opentelemetry-instrumentation-grpc`)
-  carry trace context in metadata on both sides.
+- gRPC: the interceptors in `common.channels` (client) and `common.grpc_server`
+  (server) carry trace context in metadata.
 - NATS: `inject_headers` / `extract_context` carry it in message headers.
 """
 
@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -113,13 +112,6 @@ def tracer(name: str) -> trace.Tracer:
 
 def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that send the current trace context with every gRPC aio call."""
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
