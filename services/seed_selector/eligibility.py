@@ -85,10 +85,11 @@ class ArmOffer:
     def __post_init__(self) -> None:
         if self.added_params < 0:
             raise InvalidArgumentError("must be >= 0", "added_params")
-        try:
-            object.__setattr__(self, "slot_state", SlotState(self.slot_state))
-        except ValueError as exc:
-            raise InvalidArgumentError(str(exc), "slot_state") from exc
+        if self.slot_state.__class__ is not SlotState:  # a plain string from a caller
+            try:
+                object.__setattr__(self, "slot_state", SlotState(self.slot_state))
+            except ValueError as exc:
+                raise InvalidArgumentError(str(exc), "slot_state") from exc
         object.__setattr__(self, "arm", Arm(self.slot_id, self.blueprint))
 
 

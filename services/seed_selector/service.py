@@ -219,12 +219,11 @@ def _parse_select(request: seed_selector_pb2.SelectRequest, config: SelectorConf
             raise InvalidArgumentError("must not be empty", f"arms[{i}].slot_id")
         if not blueprint:
             raise InvalidArgumentError("must not be empty", f"arms[{i}].blueprint")
-        key = Arm(slot_id, blueprint)
-        first = first_index.get(key)
+        # An `Arm` is a named tuple: a plain one finds it, and the offer makes the `Arm`.
+        first = first_index.get((slot_id, blueprint))  # type: ignore[call-overload]
         if first is not None:
             duplicate_of[i] = first
             continue
-        first_index[key] = i
         state = _STATE_FROM_PROTO.get(arm.slot_state)
         if state is None:
             raise InvalidArgumentError(
@@ -236,20 +235,26 @@ def _parse_select(request: seed_selector_pb2.SelectRequest, config: SelectorConf
             raise InvalidArgumentError(
                 f"must be >= 0, got {arm.added_params}", f"arms[{i}].added_params"
             )
-        offers.append(ArmOffer(slot_id, blueprint, arm.added_params, state))
-        if arm.slot_features:
-            features = dict(arm.slot_features)
+        offer = ArmOffer(slot_id, blueprint, arm.added_params, state)
+        offers.append(offer)
+        first_index[offer.arm] = i
+        features = arm.slot_features
+        if features:
             known = context.get(slot_id)
             if known is None:
-                for name, value in features.items():
+                # A comprehension, not dict(): the map's Mapping methods are pure Python.
+                values = {name: features[name] for name in features}
+                for name, value in values.items():
                     if not math.isfinite(value):
                         raise InvalidArgumentError(
                             f"must be finite, got {value}", f"arms[{i}].slot_features[{name}]"
                         )
-                context[slot_id] = features
+                context[slot_id] = values
                 features_from[slot_id] = i
             # Equal to features found finite, so finite too (NaN equals nothing).
-            elif known != features:
+            elif len(features) != len(known) or any(
+                features.get(name) != value for name, value in known.items()
+            ):
                 raise InvalidArgumentError(
                     f"differ from arms[{features_from[slot_id]}].slot_features of the same "
                     "slot; a slot has one set of features",
@@ -341,16 +346,17 @@ def _select_response(
         response.chosen.CopyFrom(request.arms[parsed.first_index[decision.arm]])
     scores = response.scores
     # Field by field: about twice as fast as add(**fields) in the upb runtime.
+    offers = iter(parsed.offers)  # the first offers, in request order
     for i, offered in enumerate(request.arms):
         entry = scores.add()
-        entry.slot_id = slot_id = offered.slot_id
-        entry.blueprint = blueprint = offered.blueprint
+        entry.slot_id = offered.slot_id
+        entry.blueprint = offered.blueprint
         first = parsed.duplicate_of.get(i)
         if first is not None:
             entry.eligibility = _pb.ELIGIBILITY_DUPLICATE
             entry.eligibility_reason = f"same arm as arms[{first}]; only the first offer counts"
             continue
-        arm = Arm(slot_id, blueprint)
+        arm = next(offers).arm
         summary = evidence.get(arm)
         if summary is not None:
             entry.mean_reward = mean = summary.mean
