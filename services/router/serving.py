@@ -291,7 +291,7 @@ class ServedVersion:
         self.queue.push(pending.key, pending, started * 1e6)
         self._pump()
         try:
-            if deadline is None:
+            if deadline is None or future.done():  # done: it ran inline, in `_pump`
                 served = await future
             else:
                 try:
