@@ -11,12 +11,15 @@ Two layers:
   `write_behind_s = 0` (the default) it writes them through before answering
   (awaited, bounded by `store_timeout_s`), so a returned decision survives any
   restart. With `write_behind_s > 0` it answers at once and a background flush
-  writes what changed meanwhile, coalesced into one batch, about `write_behind_s`
-  later (and on `aclose`). A graceful stop loses nothing; a crash loses what was
-  decided or reported in the last `write_behind_s` plus one store round trip: a
-  decision from then is unknown after the restart (its Report is `NotFoundError`),
-  and a reward from then is not counted. Either way, a Report for a decision made
-  before a restart still counts once the decision reached the store.
+  writes what changed meanwhile, coalesced into one batch, within `write_behind_s`:
+  after half of it, as soon as the next call has been answered (the caller is busy
+  reading the answer then, so the batch does not hold up its next request), or
+  after the other half when no call comes (and on `aclose`). A graceful stop loses
+  nothing; a crash loses what was decided or reported in the last `write_behind_s`
+  plus one store round trip: a decision from then is unknown after the restart (its
+  Report is `NotFoundError`), and a reward from then is not counted. Either way, a
+  Report for a decision made before a restart still counts once the decision reached
+  the store.
 
 When the store cannot be reached the selector goes on deciding from memory: changes
 stay queued (coalesced per document) and are written on the next successful flush,
@@ -871,6 +874,7 @@ class SeedSelector:
         self._store_down_since: float | None = None
         self._next_try = 0.0
         self._flusher: asyncio.Task[None] | None = None
+        self._answered = asyncio.Event()  # set as each call ends (see `_write_behind`)
         self._closed = False
 
     @property
@@ -1016,18 +1020,30 @@ class SeedSelector:
     async def _persist(self) -> None:
         if self._config.write_behind_s <= 0.0:
             await self.flush()
-        elif self._flusher is None and not self._closed:
-            self._flusher = asyncio.create_task(self._write_behind(), name="selector-write-behind")
+        else:
+            self._answered.set()
+            if self._flusher is None and not self._closed:
+                self._flusher = asyncio.create_task(
+                    self._write_behind(), name="selector-write-behind"
+                )
 
     async def _write_behind(self) -> None:
-        """Flush what is queued about `write_behind_s` after it was queued, until empty.
+        """Flush what is queued within `write_behind_s` of its queueing, until empty.
 
         Changes made while a batch is being written go in the next one; while the
         store is away, the retries are paced by `flush` and this task ends.
         """
         try:
             while True:
-                await asyncio.sleep(self._config.write_behind_s)
+                # Half the delay, then the next call's end, or the other half if none
+                # comes: a batch written in between calls holds up a request that
+                # arrives meanwhile; one written just after an answer mostly does not.
+                half = self._config.write_behind_s / 2
+                await asyncio.sleep(half)
+                self._answered.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(half):
+                        await self._answered.wait()
                 await self.flush()
                 if self._store_error is not None or not self._core.queued():
                     return

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 import uuid
 
 import pytest
@@ -326,6 +328,25 @@ async def test_write_behind_answers_before_the_store_and_writes_soon_after() -> 
     assert outcome.arm == decision.arm and not outcome.duplicate
     assert (await second.stats("job")).reports == 1
     await first.aclose()
+
+
+async def test_write_behind_writes_right_after_a_call_once_half_the_delay_passed() -> None:
+    store = InMemorySelectorStore()
+    selector = SeedSelector(store, SelectorConfig(write_behind_s=4.0))
+    started = time.monotonic()
+    first = await selector.select("job", OFFERS)
+    await asyncio.sleep(2.3)
+    # Past half the delay, with no call since: the batch waits for one (or for 4 s).
+    assert await store.get_decision(first.decision_id) is None
+    second = await selector.select("job", OFFERS)
+
+    async def both_stored() -> bool:
+        got = [await store.get_decision(d.decision_id) for d in (first, second)]
+        return None not in got
+
+    await eventually(both_stored, 1.5, "the batch after the second call")
+    assert time.monotonic() - started < 4.0, "written by the fallback, not after the call"
+    await selector.aclose()
 
 
 async def test_write_behind_writes_everything_on_close() -> None:
