@@ -10,10 +10,16 @@ Every `canary.interval_s` the router looks at each model whose `canary` and
   wins), then `DeleteAlias(canary)`; an explicit route of `production` that only
   split traffic between the two is cleared (the promoted version now gets it
   all). Alert `canary_promoted` (info).
-- **roll back**: `Rollback(canary)`; when the canary has no earlier version, or
-  went back to one other than production's, `DeleteAlias(canary)`. The canary
-  version is taken out of every explicit route of the model. Alert
-  `canary_rolled_back` (warning).
+- **roll back**: `SetAlias(canary -> production's version)`, compare-and-set on
+  the canary version it judged, then `DeleteAlias(canary)`: production takes the
+  canary's traffic. The canary version is taken out of every explicit route of the
+  model. Alert `canary_rolled_back` (warning).
+
+Both verdicts change an alias only by compare-and-set on what was judged, so that
+several routers judging the same canary (replicas of one Deployment) carry out a
+verdict once: the others find the alias moved (FAILED_PRECONDITION), raise no
+alert, and a rolled-back version still leaves their own routes. (A plain
+`Rollback(canary)` from each would step the alias back once per router.)
 
 The model is then refreshed from the registry at once, so the next check and
 the traffic see the new aliases without waiting for the registry's event.
@@ -201,11 +207,18 @@ class CanaryWatch:
         why = f"canary analysis: {reason}"
         alias = self._settings.canary_alias
         try:
-            now_at = await registry.rollback(name, alias, actor=self._agent, reason=why)
+            await registry.set_alias(
+                name, alias, production, expected_version=canary, actor=self._agent, reason=why
+            )
         except FailedPreconditionError:
-            now_at = 0
-        if now_at != production:
-            await registry.delete_alias(name, alias, actor=self._agent, reason=why)
+            # Moved since it was judged (another router rolled it back): the version
+            # this router saw fail still leaves its routes; the alias is not ours to move.
+            self._drop_from_routes(name, canary)
+            raise
+        await registry.delete_alias(name, alias, actor=self._agent, reason=why)
+        self._drop_from_routes(name, canary)
+
+    def _drop_from_routes(self, name: str, canary: int) -> None:
         entry = self._catalog.models.get(name)
         if entry is None:
             return

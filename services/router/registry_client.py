@@ -204,11 +204,3 @@ class RegistryClient:
         await self._call(
             "DeleteAlias", lambda stub: stub.DeleteAlias(request, timeout=self._timeout_s)
         )
-
-    async def rollback(self, name: str, alias: str, *, actor: str, reason: str) -> int:
-        """Point `alias` back at its previous version; the version it points at now."""
-        request = registry_pb2.RollbackRequest(name=name, alias=alias, actor=actor, reason=reason)
-        response = await self._call(
-            "Rollback", lambda stub: stub.Rollback(request, timeout=self._timeout_s)
-        )
-        return int(response.model_version.version)

@@ -13,7 +13,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,15 @@ import pytest
 import torch
 
 from common.health import HealthResult, HealthStatus, check_health
-from common.process import die_with_parent
+from common.process import orphan_proof
 from common.stubs import common_pb2, registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
 from services.router import reference_from_samples, tensor_from_proto, tensor_to_proto
+from services.router.canary import Verdict
+from services.router.canary_watch import CanaryWatch
+from services.router.catalog import Catalog
+from services.router.registry_client import RegistryClient
+from services.router.routing import RouteTarget
+from services.router.settings import RouterSettings
 from tests.integration.mesh import ROOT
 from tests.ports import free_port
 from tests.unit.router import model_factory as mf
@@ -84,15 +90,17 @@ class Agent:
             **env,
         }
         full_env.pop("GRAFTMESH_CONFIG", None)
+        # As the supervisor starts agents: no Python between fork and exec, which could
+        # hang beside this process's gRPC threads.
+        argv, preexec = orphan_proof([sys.executable, "-m", f"services.{module}"])
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{module}"],
+                argv,
                 cwd=ROOT,
                 env=full_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                # Only prctl and getppid run in the child: safe beside gRPC's threads.
-                preexec_fn=die_with_parent(),  # noqa: PLW1509
+                preexec_fn=preexec,  # noqa: PLW1509 -- None where setpriv is available
             )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
@@ -561,6 +569,64 @@ def test_a_failing_canary_is_rolled_back_while_its_traffic_falls_back(
     routes = mesh.stub.GetRoutes(router_pb2.GetRoutesRequest(model_name=name), timeout=10).routes
     (production,) = [r for r in routes if r.alias == "production"]
     assert [t.version for t in production.targets] == [1]
+
+
+async def test_routers_judging_one_failing_canary_roll_it_back_once(mesh: Mesh) -> None:
+    """Two routers (replicas) both see the canary fail: one moves the alias, one alert."""
+    name = _name()
+    v1 = mesh.register(name, mf.mlp(seed=1), aliases=("production",))
+    mesh.register(name, mf.mlp(seed=2), aliases=("canary",))
+    mesh.set_alias(name, "canary", v1)
+    v3 = mesh.register(name, mf.mlp(seed=3), aliases=("canary",))  # canary: v2, v1, v3
+    settings = RouterSettings.model_validate(
+        {**ROUTER_SETTINGS, "registry_address": f"127.0.0.1:{mesh.registry.port}"}
+    )
+    address = settings.registry_address
+    assert address is not None
+    published: list[tuple[str, dict[str, Any]]] = []
+
+    async def publish(subject: str, alert: Mapping[str, Any]) -> None:
+        published.append((subject, dict(alert)))
+
+    async def where() -> str:
+        return address
+
+    catalogs, watchers = [], []
+    try:
+        for agent in ("router-a", "router-b"):
+            catalog = Catalog(settings, RegistryClient(where))
+            catalogs.append(catalog)
+            await catalog.track(name)
+            for version, ok in ((v1, True), (v3, False)):
+                served = await catalog.ensure_loaded(name, version)
+                for _ in range(30):  # what each router's traffic showed it
+                    served.stats.record(900.0, 0.0, ok=ok)
+            split = (RouteTarget(v1, 1.0), RouteTarget(v3, 1.0))
+            catalog.set_route(name, "production", split, actor="test", reason="canary split")
+            watchers.append(CanaryWatch(catalog, settings.canary, agent=agent, publish=publish))
+        # Both judged v3 before either acted; b acts after a did.
+        first, second = [await watcher.check(name) for watcher in watchers]
+    finally:
+        for catalog in catalogs:
+            await catalog.close()
+            await catalog.registry.close()
+    assert first is not None and second is not None
+    assert first.decision.verdict is Verdict.ROLLBACK and first.applied
+    assert second.decision.verdict is Verdict.ROLLBACK and not second.applied
+    assert [a["kind"] for _, a in published] == ["canary_rolled_back"]
+    assert published[0][1]["agent"] == "router-a"
+    # Not stepped back twice (v3 -> v1 -> v2): the canary is gone, production kept.
+    assert mesh.alias_version(name, "canary") is None
+    assert mesh.alias_version(name, "production") == v1
+    history = mesh.reg.GetAliasHistory(
+        registry_pb2.GetAliasHistoryRequest(name=name, alias="canary"), timeout=10
+    ).entries
+    by_routers = [(e.actor, e.from_version, e.to_version) for e in history if e.actor != "test"]
+    assert sorted(by_routers) == [("router-a", v1, 0), ("router-a", v3, v1)]
+    # Each router's own route lost the failing version.
+    for catalog in catalogs:
+        targets = catalog.route(name, "production")[0]
+        assert [t.version for t in targets] == [v1]
 
 
 def test_drifting_inputs_raise_a_drift_alert(mesh: Mesh, alerts: Alerts) -> None:
