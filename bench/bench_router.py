@@ -52,7 +52,7 @@ from common.channels import open_channel
 from common.health import HealthStatus, check_health
 from common.infra import EmbeddedServer
 from common.kernels import load_program, save_program, sha256_hex, streamline
-from common.process import die_with_parent, wait_exit
+from common.process import orphan_proof, wait_exit
 from common.stubs import (
     common_pb2,
     registry_pb2,
@@ -177,14 +177,10 @@ def _agent_env(
 
 
 async def _spawn(argv: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    command, preexec = orphan_proof(argv)
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(),
+            *command, cwd=_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
         )
 
 

@@ -44,7 +44,7 @@ from grpc_health.v1 import health_pb2
 from common.channels import open_channel
 from common.health import HealthStatus, check_health
 from common.infra import EmbeddedServer
-from common.process import die_with_parent, wait_exit
+from common.process import orphan_proof, wait_exit
 from common.stubs import common_pb2, seed_selector_pb2, seed_selector_pb2_grpc
 from services.seed_selector import (
     Arm,
@@ -473,16 +473,10 @@ async def _start_agent(
         "SEED_SELECTOR_KEY_PREFIX": "bench:agent:",
     }
     env.pop("GRAFTMESH_CONFIG", None)
+    argv, preexec = orphan_proof([sys.executable, "-m", "services.seed_selector"])
     with (run_dir / "agent.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.seed_selector",
-            cwd=_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(),
+            *argv, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec
         )
     deadline = time.monotonic() + AGENT_START_S
     while time.monotonic() < deadline and proc.returncode is None:

@@ -21,7 +21,7 @@ import redis
 
 from common.health import HealthResult, HealthStatus, check_health
 from common.infra import EmbeddedServer
-from common.process import die_with_parent
+from common.process import orphan_proof
 from common.stubs import common_pb2, seed_selector_pb2, seed_selector_pb2_grpc
 from tests.integration.mesh import ROOT
 from tests.ports import free_port
@@ -59,15 +59,17 @@ class SelectorAgent:
             **env,
         }
         full_env.pop("GRAFTMESH_CONFIG", None)
+        # As the supervisor starts agents: no Python between fork and exec, which could
+        # hang beside this process's gRPC threads.
+        argv, preexec = orphan_proof([sys.executable, "-m", "services.seed_selector"])
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.seed_selector"],
+                argv,
                 cwd=ROOT,
                 env=full_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                # Only prctl and getppid run in the child: safe beside gRPC's threads.
-                preexec_fn=die_with_parent(),  # noqa: PLW1509
+                preexec_fn=preexec,  # noqa: PLW1509 -- None where setpriv is available
             )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = seed_selector_pb2_grpc.SeedSelectorServiceStub(self.channel)
