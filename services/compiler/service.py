@@ -36,9 +36,10 @@ is UNIMPLEMENTED; `example_batch_size` is checked (>= 0) but does not change
 anything (the batch dimension is dynamic; validation runs at its own batch
 sizes); `BlueprintSpec.params` must be empty (catalogue blueprints take no
 parameters, so `BlueprintInfo.default_params` is empty); a slot's input and
-output sizes must be equal (kernels keep the slot's shape);
-`ValidationReport.kernel_latency_us`/`eager_latency_us` are 0 (the check
-records their ratio only).
+output sizes must be equal (kernels keep the slot's shape).
+
+`ValidationReport.kernel_latency_us`/`eager_latency_us` are 0 for a kernel stored by
+a compiler that did not record them yet (its `latency_ratio` is there).
 """
 
 from __future__ import annotations
@@ -364,6 +365,9 @@ def _report_to_proto(
             item.threshold = thresholds[check.name]
         if check.name == "latency_ratio" and check.value is not None:
             proto.latency_ratio = check.value
+    if report.kernel_latency_us is not None and report.eager_latency_us is not None:
+        proto.kernel_latency_us = report.kernel_latency_us
+        proto.eager_latency_us = report.eager_latency_us
     return proto
 
 

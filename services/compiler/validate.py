@@ -59,6 +59,10 @@ class ValidationReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     checks: tuple[CheckResult, ...]
+    # Median microseconds per forward+backward of each at the latency check's batch;
+    # None when that check did not measure them.
+    kernel_latency_us: float | None = None
+    eager_latency_us: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -156,6 +160,7 @@ class _Run:
         self.rtol, self.atol = _TOLERANCES.get(dtype, (1e-2, 1e-3))
         self.loaded: nn.Module | None = None
         self.initial: dict[str, torch.Tensor] = {}
+        self.latency_us: tuple[float, float] | None = None  # kernel, eager: the latency check's
 
     def report(self) -> ValidationReport:
         checks: list[CheckResult] = []
@@ -178,7 +183,10 @@ class _Run:
                 checks.append(
                     CheckResult(name=name, passed=False, detail="not run: the kernel did not load")
                 )
-        return ValidationReport(checks=tuple(checks))
+        kernel_us, eager_us = self.latency_us or (None, None)
+        return ValidationReport(
+            checks=tuple(checks), kernel_latency_us=kernel_us, eager_latency_us=eager_us
+        )
 
     def _run(self, name: str, step: Callable[[], CheckResult]) -> CheckResult:
         try:
@@ -416,6 +424,7 @@ class _Run:
             if again[0] / again[1] < ratio:
                 kernel_s, eager_s = again
                 ratio = kernel_s / eager_s
+        self.latency_us = (kernel_s * 1e6, eager_s * 1e6)
         return CheckResult(
             name="latency_ratio",
             passed=ratio <= limit,

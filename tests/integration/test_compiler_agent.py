@@ -196,6 +196,12 @@ def test_second_compile_is_a_cache_hit_with_the_same_kernel(agent: CompilerProc)
     second = agent.stub.Compile(request, timeout=TIMEOUT_S)
     assert not first.cache_hit and second.cache_hit
     assert first.HasField("kernel") and first.validation.passed
+    report = first.validation
+    assert report.kernel_latency_us > 0 and report.eager_latency_us > 0
+    assert report.latency_ratio == pytest.approx(
+        report.kernel_latency_us / report.eager_latency_us, rel=1e-6
+    )
+    assert second.validation == report  # the stored report, as measured at compile
     assert second.kernel == first.kernel
     assert len(first.kernel.kernel_id) == 64 and len(first.kernel.sha256) == 64
     meta = second.metadata
