@@ -15,6 +15,7 @@ from common.agent import AgentContext
 from common.errors import InvalidArgumentError
 from common.grpc_server import Context
 from common.logging import get_logger
+from common.register_wire import RawChunk, parse_register_request
 from common.stubs import common_pb2, registry_pb2, registry_pb2_grpc
 from services.registry.artifacts import FileArtifactStore
 from services.registry.convert import (
@@ -34,7 +35,6 @@ from services.registry.registry import Chunk, ModelRegistry
 from services.registry.settings import RegistrySettings
 from services.registry.sql_store import SqlRegistryStore
 from services.registry.validation import check_alias, check_file_name, check_model_name, check_text
-from services.registry.wire import RawChunk, parse_register_request
 
 __all__ = ["MAX_CHUNK_SIZE", "RegistryAgent", "RegistryServicer", "add_to_server", "build"]
 

@@ -33,12 +33,12 @@ from common.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from common.register_wire import REGISTER_MODEL_METHOD, encode_chunk, serialize_request
 from common.stubs import (
     common_pb2,
     compiler_pb2,
     compiler_pb2_grpc,
     registry_pb2,
-    registry_pb2_grpc,
     seed_selector_pb2,
     seed_selector_pb2_grpc,
 )
@@ -338,19 +338,13 @@ def upload_metadata(
 
 async def _upload_stream(
     export_dir: Path, metadata: registry_pb2.ModelVersionMetadata, chunk_bytes: int
-) -> AsyncIterator[registry_pb2.RegisterModelRequest]:
+) -> AsyncIterator[registry_pb2.RegisterModelRequest | bytes]:
+    """The metadata message, then each file's chunks already encoded (see `register_wire`)."""
     yield registry_pb2.RegisterModelRequest(metadata=metadata)
     for listed in metadata.files:
-        data = await asyncio.to_thread((export_dir / listed.name).read_bytes)
+        data = memoryview(await asyncio.to_thread((export_dir / listed.name).read_bytes))
         for start in range(0, len(data), chunk_bytes):
-            yield registry_pb2.RegisterModelRequest(
-                chunk=registry_pb2.FileChunk(
-                    file_name=listed.name,
-                    chunk=common_pb2.ArtifactChunk(
-                        data=data[start : start + chunk_bytes], offset=start
-                    ),
-                )
-            )
+            yield encode_chunk(listed.name, start, data[start : start + chunk_bytes])
 
 
 async def register_model(
@@ -372,11 +366,13 @@ async def register_model(
     metadata = await asyncio.to_thread(
         upload_metadata, export_dir, name=name, job_id=job_id, tags=tags, statistics=statistics
     )
-    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    register = channel.stream_unary(
+        REGISTER_MODEL_METHOD,
+        request_serializer=serialize_request,
+        response_deserializer=registry_pb2.RegisterModelResponse.FromString,
+    )
     try:
-        reply = await stub.RegisterModel(
-            _upload_stream(export_dir, metadata, chunk_bytes), timeout=timeout_s
-        )
+        reply = await register(_upload_stream(export_dir, metadata, chunk_bytes), timeout=timeout_s)
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from None
     version: registry_pb2.ModelVersion = reply.model_version

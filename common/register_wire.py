@@ -1,12 +1,19 @@
-"""Reading `RegisterModelRequest` chunk messages without copying their bytes.
+"""`RegisterModelRequest` chunk messages on the wire, both ways, without extra copies.
 
-A 1 MiB chunk decoded by the protobuf runtime is copied twice more on the way
-to the disk: into the decoded message, and again when `.data` is read. For the
-canonical encoding of a chunk (each field at most once, as every protobuf
-library writes it), `parse_register_request` instead hands out a view into the
-received message. Anything else (the metadata message, repeated or unknown
-fields, bad wire types) goes through the generated parser, so what is accepted
-and refused is exactly what protobuf accepts and refuses.
+A 1 MiB chunk goes through the protobuf runtime with several copies of its bytes:
+the sender copies it into a message and again into the serialised bytes; the
+receiver into the decoded message and again when `.data` is read. For the
+canonical encoding of a chunk (each field at most once, as every protobuf library
+writes it):
+
+- `encode_chunk` (senders: the trainer, benchmarks) writes it with one copy of the
+  data, byte for byte what `SerializeToString` writes; `serialize_request` is the
+  request serialiser for a `RegisterModel` call whose stream mixes such bytes with
+  messages (the metadata).
+- `parse_register_request` (the registry) hands out a view into the received
+  message. Anything else (the metadata message, repeated or unknown fields, bad
+  wire types) goes through the generated parser, so what is accepted and refused
+  is exactly what protobuf accepts and refuses.
 """
 
 from __future__ import annotations
@@ -15,7 +22,15 @@ from dataclasses import dataclass
 
 from common.stubs import registry_pb2
 
-__all__ = ["RawChunk", "parse_register_request"]
+__all__ = [
+    "REGISTER_MODEL_METHOD",
+    "RawChunk",
+    "encode_chunk",
+    "parse_register_request",
+    "serialize_request",
+]
+
+REGISTER_MODEL_METHOD = "/graftmesh.v1.RegistryService/RegisterModel"
 
 # Wire types (https://protobuf.dev/programming-guides/encoding/).
 _VARINT, _LEN = 0, 2
@@ -122,3 +137,50 @@ def parse_register_request(raw: bytes) -> registry_pb2.RegisterModelRequest | Ra
         return _raw_chunk(raw)
     except _NotCanonical:
         return registry_pb2.RegisterModelRequest.FromString(raw)
+
+
+# -- sending ------------------------------------------------------------------------------
+
+_UINT64 = (1 << 64) - 1
+
+
+def _varint_bytes(value: int) -> bytes:
+    value &= _UINT64  # int64: negative numbers as their two's complement, 10 bytes
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint_bytes(number << 3 | wire_type)
+
+
+def encode_chunk(file_name: str, offset: int, data: bytes | memoryview) -> bytes:
+    """`RegisterModelRequest(chunk=FileChunk(file_name, ArtifactChunk(data, offset)))`
+    serialised, as `SerializeToString` would write it, copying `data` once."""
+    size = len(data)
+    tail = _tag(_OFFSET, _VARINT) + _varint_bytes(offset) if offset else b""
+    data_head = _tag(_DATA, _LEN) + _varint_bytes(size) if size else b""
+    artifact_len = len(data_head) + size + len(tail)
+    name = file_name.encode()
+    name_field = _tag(_FILE_NAME, _LEN) + _varint_bytes(len(name)) + name if name else b""
+    chunk_head = _tag(_FILE_CHUNK, _LEN) + _varint_bytes(artifact_len)
+    file_chunk_len = len(name_field) + len(chunk_head) + artifact_len
+    head = b"".join(
+        (
+            _tag(_CHUNK, _LEN),
+            _varint_bytes(file_chunk_len),
+            name_field,
+            chunk_head,
+            data_head,
+        )
+    )
+    return b"".join((head, data, tail))
+
+
+def serialize_request(request: registry_pb2.RegisterModelRequest | bytes) -> bytes:
+    """A `RegisterModel` request serialiser that passes `encode_chunk`'s bytes through."""
+    return request if isinstance(request, bytes) else request.SerializeToString()

@@ -1,4 +1,5 @@
-"""`parse_register_request`: chunks as views into the message, the rest as protobuf reads it."""
+"""`RegisterModelRequest` chunks on the wire: `encode_chunk` writes what protobuf writes;
+`parse_register_request` reads chunks as views into the message, the rest as protobuf does."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import os
 import pytest
 from google.protobuf.message import DecodeError
 
+from common.register_wire import (
+    RawChunk,
+    encode_chunk,
+    parse_register_request,
+    serialize_request,
+)
 from common.stubs import common_pb2, registry_pb2
-from services.registry.wire import RawChunk, parse_register_request
 
 
 def chunk_message(name: str, offset: int, data: bytes) -> registry_pb2.RegisterModelRequest:
@@ -104,3 +110,27 @@ def test_a_malformed_message_is_refused_as_protobuf_refuses_it(raw: bytes) -> No
         registry_pb2.RegisterModelRequest.FromString(raw)
     with pytest.raises(DecodeError):
         parse_register_request(raw)
+
+
+@pytest.mark.parametrize("name", ["model.pt2", "", "modèle-é.bin", "n" * 200])
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 1 << 40, -1, -(1 << 63), (1 << 63) - 1])
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 1 << 20])
+def test_an_encoded_chunk_is_what_protobuf_writes(name: str, offset: int, size: int) -> None:
+    data = os.urandom(size)
+    encoded = encode_chunk(name, offset, data)
+    assert encoded == chunk_message(name, offset, data).SerializeToString()
+    # A view of a larger buffer encodes the same, and reads back as a chunk.
+    view = memoryview(b"<" + data + b">")[1 : 1 + size]
+    assert encode_chunk(name, offset, view) == encoded
+    parsed = parse_register_request(encoded)
+    assert isinstance(parsed, RawChunk)
+    assert (parsed.file_name, parsed.offset, bytes(parsed.data)) == (name, offset, data)
+
+
+def test_the_serializer_passes_encoded_chunks_through_and_serialises_messages() -> None:
+    encoded = encode_chunk("model.pt2", 5, b"abc")
+    assert serialize_request(encoded) is encoded
+    metadata = registry_pb2.RegisterModelRequest(
+        metadata=registry_pb2.ModelVersionMetadata(name="m")
+    )
+    assert serialize_request(metadata) == metadata.SerializeToString()
