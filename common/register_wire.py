@@ -39,6 +39,7 @@ _VARINT, _LEN = 0, 2
 _CHUNK = 2
 _FILE_NAME, _FILE_CHUNK = 1, 2
 _DATA, _OFFSET = 1, 2
+_UINT64 = (1 << 64) - 1  # int64 values travel as their 64-bit two's complement
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ def _raw_chunk(raw: bytes) -> RawChunk:
         if offset_field is not None:
             if offset_field[0] != _VARINT:
                 raise _NotCanonical
-            offset = offset_field[1] & 0xFFFF_FFFF_FFFF_FFFF
+            offset = offset_field[1] & _UINT64
             if offset >= 1 << 63:  # int64: two's complement
                 offset -= 1 << 64
         if len(artifact_chunk) != (data_span is not None) + (offset_field is not None):
@@ -141,11 +142,9 @@ def parse_register_request(raw: bytes) -> registry_pb2.RegisterModelRequest | Ra
 
 # -- sending ------------------------------------------------------------------------------
 
-_UINT64 = (1 << 64) - 1
-
 
 def _varint_bytes(value: int) -> bytes:
-    value &= _UINT64  # int64: negative numbers as their two's complement, 10 bytes
+    value &= _UINT64  # a negative int64 takes 10 bytes
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
