@@ -55,6 +55,20 @@ def _caller_context(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     return propagate.extract(carrier) if carrier else None
 
 
+def _server_span(
+    method: str, context: grpc.aio.ServicerContext[Any, Any], attributes: dict[str, str]
+) -> Any:
+    """The call's SERVER span, child of the caller's; the wrappers set its status."""
+    return _tracer.start_as_current_span(
+        method,
+        context=_caller_context(context),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
 class ServerCallInterceptor(grpc.aio.ServerInterceptor):
     """Each call's server span, its metrics, and its exceptions turned into statuses.
 
@@ -138,14 +152,7 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
-            with _tracer.start_as_current_span(
-                method,
-                context=_caller_context(context),
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
+            with _server_span(method, context, attributes) as span:
                 try:
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
@@ -167,14 +174,7 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
         ) -> AsyncIterator[Any]:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
-            with _tracer.start_as_current_span(
-                method,
-                context=_caller_context(context),
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
+            with _server_span(method, context, attributes) as span:
                 try:
                     result = behavior(request, context)
                     if inspect.isasyncgen(result):
