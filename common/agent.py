@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,6 +62,49 @@ def _int_env(environ: Mapping[str, str], key: str, required: bool = False) -> in
         return int(raw)
     except ValueError:
         raise ConfigError([f"{key}={raw!r} is not a port number"]) from None
+
+
+def env_number(
+    environ: Mapping[str, str], key: str, default: float, minimum: float, problems: list[str]
+) -> float:
+    """An agent setting read from `environ[key]`: `default` when unset; a value that is not
+    a number, or is below `minimum`, adds a line to `problems` and gives `default`."""
+    raw = environ.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        problems.append(f"{key}={raw!r}: not a number")
+        return default
+    if value < minimum:
+        problems.append(f"{key}={raw!r}: must be >= {minimum:g}")
+        return default
+    return value
+
+
+async def run_every(
+    interval_s: float,
+    step: Callable[[], Awaitable[None] | None],
+    *,
+    what: str,
+    bus: ErrorBus | None = None,
+) -> None:
+    """Run `step` every `interval_s` seconds until cancelled.
+
+    A round that raises is logged (and reported to `bus`, when given) as
+    "`what` failed", and the next round comes all the same.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            result = step()
+            if result is not None:
+                await result
+        except Exception as exc:
+            _log.exception(f"{what} failed")
+            if bus is not None:
+                bus.report_error(f"{what} failed", exc=exc)
 
 
 @dataclass(frozen=True)

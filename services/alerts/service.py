@@ -24,9 +24,8 @@ from typing import Any
 
 import grpc
 
-from common.agent import AgentContext
+from common.agent import AgentContext, run_every
 from common.bus import Severity
-from common.logging import get_logger
 from services.alerts.consumer import AlertConsumer
 from services.alerts.model import Alert
 from services.alerts.settings import AlertsSettings
@@ -34,7 +33,6 @@ from services.alerts.sinks import AlertSink, JsonlFileSink, WebhookSink
 
 __all__ = ["AlertsAgent", "build"]
 
-_log = get_logger(__name__)
 
 _HEALTH_REFRESH_S = 0.5
 
@@ -77,7 +75,10 @@ class AlertsAgent:
             self.webhook.start()
         self._tasks = [
             asyncio.create_task(self.consumer.run(), name="alerts-consumer"),
-            asyncio.create_task(self._refresh_health(), name="alerts-health"),
+            asyncio.create_task(
+                run_every(_HEALTH_REFRESH_S, self._refresh_details, what="alerts health details"),
+                name="alerts-health",
+            ),
         ]
         self._refresh_details()
 
@@ -111,14 +112,6 @@ class AlertsAgent:
             error_type="AlertWebhookFailed",
             details={"alert": alert.id, "kind": alert.kind.value},
         )
-
-    async def _refresh_health(self) -> None:
-        while True:
-            await asyncio.sleep(_HEALTH_REFRESH_S)
-            try:
-                self._refresh_details()
-            except Exception:
-                _log.exception("health details not updated")
 
     def _refresh_details(self) -> None:
         stats = self.consumer.stats

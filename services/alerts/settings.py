@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from common.agent import env_number
 from common.errors import ConfigError
 from services.alerts.consumer import DEFAULT_DURABLE, ConsumerSettings
 from services.alerts.rules import AlertRules, parse_rules
@@ -81,20 +82,6 @@ class AlertsSettings:
         """Read and check the settings; ConfigError listing every problem."""
         problems: list[str] = []
 
-        def number(key: str, default: float, minimum: float) -> float:
-            raw = environ.get(key, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                problems.append(f"{key}={raw!r}: not a number")
-                return default
-            if value < minimum:
-                problems.append(f"{key}={raw!r}: must be >= {minimum:g}")
-                return default
-            return value
-
         durable = environ.get(DURABLE_ENV) or DEFAULT_DURABLE
         if not _NAME_RE.match(durable):
             problems.append(f"{DURABLE_ENV}={durable!r}: use letters, digits, '_' and '-' only")
@@ -106,8 +93,10 @@ class AlertsSettings:
             problems.append(
                 f"{SUBJECT_ENV}={subject!r}: must be a subject under errors. (e.g. errors.pc2.>)"
             )
-        lookback = number(LOOKBACK_ENV, 300.0, 0.0)
-        max_bytes = int(number(FILE_MAX_BYTES_ENV, DEFAULT_FILE_MAX_BYTES, 1024))
+        lookback = env_number(environ, LOOKBACK_ENV, 300.0, 0.0, problems)
+        max_bytes = int(
+            env_number(environ, FILE_MAX_BYTES_ENV, DEFAULT_FILE_MAX_BYTES, 1024, problems)
+        )
         webhook = environ.get(WEBHOOK_ENV) or None
         if webhook is not None and not webhook.startswith(("http://", "https://")):
             problems.append(f"{WEBHOOK_ENV}={webhook!r}: must be an http:// or https:// URL")

@@ -24,7 +24,7 @@ from typing import Final
 import grpc
 import uvicorn
 
-from common.agent import AgentContext, bind_address
+from common.agent import AgentContext, bind_address, run_every
 from common.errors import ConfigError
 from common.logging import get_logger
 from services.console.clients import MeshClients
@@ -103,7 +103,10 @@ class ConsoleAgent:
         self._tasks = [
             serve,
             asyncio.create_task(self.feed.run(), name="console-feed"),
-            asyncio.create_task(self._refresh_health(), name="console-health"),
+            asyncio.create_task(
+                run_every(_HEALTH_REFRESH_S, self._refresh_details, what="console health details"),
+                name="console-health",
+            ),
         ]
         async with asyncio.timeout(_START_TIMEOUT_S):
             while not self._server.started:
@@ -131,14 +134,6 @@ class ConsoleAgent:
         for task in tasks:
             task.cancel()
         await self.clients.close()
-
-    async def _refresh_health(self) -> None:
-        while True:
-            await asyncio.sleep(_HEALTH_REFRESH_S)
-            try:
-                self._refresh_details()
-            except Exception:
-                _log.exception("health details not updated")
 
     def _refresh_details(self) -> None:
         stats = self.feed.stats

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from common.agent import env_number
 from common.errors import ConfigError
 from common.security import TOKEN_ENV, TOKEN_FILE_ENV, Security
 
@@ -59,23 +60,6 @@ def _flag(environ: Mapping[str, str], key: str, problems: list[str]) -> bool:
     if raw not in _FALSE:
         problems.append(f"{key}={raw!r}: use 1 or 0")
     return False
-
-
-def _number(
-    environ: Mapping[str, str], key: str, default: float, minimum: float, problems: list[str]
-) -> float:
-    raw = environ.get(key, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        problems.append(f"{key}={raw!r}: not a number")
-        return default
-    if value < minimum:
-        problems.append(f"{key}={raw!r}: must be >= {minimum:g}")
-        return default
-    return value
 
 
 @dataclass(frozen=True)
@@ -118,8 +102,8 @@ class ConsoleSettings:
             token=token,
             readonly_open=_flag(environ, READONLY_OPEN_ENV, problems),
             secure_cookie=_flag(environ, SECURE_COOKIE_ENV, problems),
-            session_ttl_s=_number(environ, SESSION_TTL_ENV, 12 * 3600.0, 60.0, problems),
-            alerts_kept=int(_number(environ, ALERTS_ENV, 200, 1, problems)),
+            session_ttl_s=env_number(environ, SESSION_TTL_ENV, 12 * 3600.0, 60.0, problems),
+            alerts_kept=int(env_number(environ, ALERTS_ENV, 200, 1, problems)),
             agents=agents,
         )
         if problems:

@@ -49,7 +49,7 @@ import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from common.agent import AgentContext
+from common.agent import AgentContext, run_every
 from common.bus import ErrorBus, Severity
 from common.errors import ConfigError, GraftmeshError, NotFoundError
 from common.grpc_server import Context
@@ -347,7 +347,10 @@ class RouterAgent:
             loops.append(("canary", self.settings.canary.interval_s, self._canary_once))
         for name, interval, step in loops:
             self._tasks.append(
-                asyncio.create_task(self._every(interval, step, name), name=f"router-{name}")
+                asyncio.create_task(
+                    run_every(interval, step, what=f"router {name} loop", bus=self._bus),
+                    name=f"router-{name}",
+                )
             )
 
     async def stop(self) -> None:
@@ -377,19 +380,6 @@ class RouterAgent:
                 _log.warning("preload: registry not ready; will retry", model=name, error=str(exc))
                 continue
             del self._pending_preload[name]
-
-    async def _every(
-        self, interval_s: float, step: Callable[[], Awaitable[None]], name: str
-    ) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await step()
-            except Exception as exc:
-                # A bug in one round must not stop the loop; the bus hears of it.
-                _log.exception("background step failed", loop=name)
-                if self._bus is not None:
-                    self._bus.report_error(f"router {name} loop failed", exc=exc)
 
     async def _reconcile_once(self) -> None:
         if self._pending_preload:

@@ -66,12 +66,11 @@ from dataclasses import dataclass
 import grpc
 from pydantic import ValidationError
 
-from common.agent import AgentContext
+from common.agent import AgentContext, run_every
 from common.bus import ErrorBus, Severity
 from common.errors import ConfigError, InvalidArgumentError, NotFoundError, UnavailableError
 from common.grpc_server import Context
 from common.health import HealthState
-from common.logging import get_logger
 from common.stubs import common_pb2, seed_selector_pb2, seed_selector_pb2_grpc
 from services.seed_selector.eligibility import (
     ArmOffer,
@@ -106,7 +105,6 @@ CONFIG_ENV = "SEED_SELECTOR_CONFIG"
 KEY_PREFIX_ENV = "SEED_SELECTOR_KEY_PREFIX"
 SERVICE_NAME = seed_selector_pb2.DESCRIPTOR.services_by_name["SeedSelectorService"].full_name
 
-_log = get_logger(__name__)
 _pb = seed_selector_pb2
 # The contract's default for SELECTION_STRATEGY_UNSPECIFIED (the core's own is Thompson).
 _DEFAULT_STRATEGY = Strategy.UCB1
@@ -582,7 +580,15 @@ class SeedSelectorAgent:
         # middle of a call costs what the calls allocated, not tens of milliseconds.
         gc.collect()
         gc.freeze()
-        self._watch = asyncio.create_task(self._watch_store(), name="seed-selector-store-watch")
+        self._watch = asyncio.create_task(
+            run_every(
+                self._poll_s,
+                self._watch_store_once,
+                what="seed selector store watch",
+                bus=self._bus,
+            ),
+            name="seed-selector-store-watch",
+        )
 
     async def stop(self) -> None:
         """Stop the watch, write what is queued (if the store answers) and close the store."""
@@ -592,18 +598,10 @@ class SeedSelectorAgent:
                 await self._watch
         await self._selector.aclose()
 
-    async def _watch_store(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_s)
-            try:
-                if self._selector.degraded_reason is not None:
-                    await self._selector.flush()
-                self._store_health.sync(force=True)
-            except Exception as exc:
-                # The watch must outlive a bug in one round; the bus hears of it.
-                _log.exception("store watch failed")
-                if self._bus is not None:
-                    self._bus.report_error("seed selector store watch failed", exc=exc)
+    async def _watch_store_once(self) -> None:
+        if self._selector.degraded_reason is not None:
+            await self._selector.flush()
+        self._store_health.sync(force=True)
 
 
 def build(ctx: AgentContext) -> SeedSelectorAgent:
