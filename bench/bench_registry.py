@@ -42,6 +42,7 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 
+from common.allocator import tune_allocator
 from common.register_wire import REGISTER_MODEL_METHOD, encode_chunk, serialize_request
 from common.stubs import registry_pb2, registry_pb2_grpc
 from services.registry import (
@@ -269,6 +270,7 @@ def _register_call(channel: grpc.Channel) -> Any:
 _DRAIN_SERVER = """
 import asyncio, sys
 import grpc
+from common.allocator import tune_allocator
 from common.grpc_server import SERVER_OPTIONS
 from common.stubs import registry_pb2, registry_pb2_grpc
 
@@ -279,6 +281,7 @@ class Drain(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.RegisterModelResponse()
 
 async def serve():
+    tune_allocator()  # as every agent does at start
     server = grpc.aio.server(options=SERVER_OPTIONS)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(Drain(), server)
     server.add_insecure_port("127.0.0.1:" + sys.argv[1])
@@ -377,6 +380,9 @@ def _scratch_postgres() -> Iterator[str | None]:
 
 
 def main() -> None:
+    # The uploading client stands for the trainer, an agent: it sets up its allocator
+    # as every agent does at start.
+    tune_allocator()
     total = MODELS * VERSIONS_PER_MODEL
     print(f"machine load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:

@@ -36,6 +36,7 @@ from typing import Protocol
 import grpc
 
 from common import security, telemetry
+from common.allocator import tune_allocator
 from common.bus import ErrorBus, Severity
 from common.config import StartupConfig, load_config
 from common.errors import ConfigError
@@ -321,6 +322,7 @@ async def serve(build: ServiceFactory, env: AgentEnv) -> int:
 
 def run(build: ServiceFactory, environ: Mapping[str, str] | None = None) -> None:
     """Entry point of an agent's `__main__`: set up logging and telemetry, serve, exit."""
+    tune_allocator(environ)
     try:
         env = AgentEnv.from_environ(environ)
     except ConfigError as err:
