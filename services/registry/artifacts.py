@@ -6,7 +6,7 @@ Layout under `root` (by default `<run_dir>/registry/artifacts`):
     <root>/.incoming/          uploads in progress (removed at start)
 
 An upload is written to a temporary file in `.incoming/`, hashed as it
-arrives and flushed to disk in the background every 8 MiB (then dropped from
+arrives and flushed to disk in the background every 4 MiB (then dropped from
 the page cache); `commit` fsyncs it, renames it to its digest's path and
 fsyncs the folder, so a file under its digest is always complete. Identical
 content is stored once, whichever versions refer to it. `open_verified` checks
@@ -41,7 +41,9 @@ _log = get_logger(__name__)
 
 _INCOMING = ".incoming"
 # Bytes of an upload written between two flushes to disk.
-_SYNC_EVERY = 8 * 1024 * 1024
+_SYNC_EVERY = 4 * 1024 * 1024
+# Writes at least this large are hashed on another thread while they are written.
+_HASH_APART = 64 * 1024
 _SHARD = re.compile(r"[0-9a-f]{2}")
 
 
@@ -149,17 +151,22 @@ class _FileWriter:
     """`ArtifactWriter` over a temporary file in the store's incoming folder.
 
     Bytes go straight to the file descriptor (no buffer to copy them into).
-    Every `_SYNC_EVERY` bytes a flush to disk (`_flush`) starts on `flusher` and
-    the writes go on meanwhile: the disk works while the rest of the upload
-    arrives and is hashed, no write waits for it, and the fsync at commit has
-    only the tail left.
+    A large write is hashed on `hasher` while it is written: both release the
+    GIL, and hashing (about 1.5 GB/s with SHA extensions) is the slower of the
+    two. Every `_SYNC_EVERY` bytes a flush to disk (`_flush`) starts on
+    `flusher` and the writes go on meanwhile: the disk works while the rest of
+    the upload arrives and is hashed, no write waits for it, and the fsync at
+    commit has only the tail left.
     """
 
-    def __init__(self, folder: Path, flusher: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, folder: Path, flusher: ThreadPoolExecutor, hasher: ThreadPoolExecutor
+    ) -> None:
         fd, name = tempfile.mkstemp(dir=folder, prefix="upload-")
         self.path = Path(name)
         self._fd: int | None = fd
         self._flusher = flusher
+        self._hasher = hasher
         self._flushing: Future[None] | None = None
         self._hash = hashlib.sha256()
         self._size = 0
@@ -172,18 +179,24 @@ class _FileWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         fd = self._open_fd()
-        view = memoryview(data)
-        with _disk_space():
-            while view:
-                view = view[os.write(fd, view) :]
-            self._hash.update(data)
-            self._size += len(data)
-            self._unsynced += len(data)
-            flushing = self._flushing
-            if self._unsynced >= _SYNC_EVERY and (flushing is None or flushing.done()):
-                self._wait_flushed()  # a failed flush fails the upload now, not at commit
-                self._flushing = self._flusher.submit(_flush, fd, self._size)
-                self._unsynced = 0
+        hashing = self._hasher.submit(self._hash.update, data) if len(data) >= _HASH_APART else None
+        try:
+            with _disk_space():
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if hashing is None:
+                    self._hash.update(data)
+                self._size += len(data)
+                self._unsynced += len(data)
+                flushing = self._flushing
+                if self._unsynced >= _SYNC_EVERY and (flushing is None or flushing.done()):
+                    self._wait_flushed()  # a failed flush fails the upload now, not at commit
+                    self._flushing = self._flusher.submit(_flush, fd, self._size)
+                    self._unsynced = 0
+        finally:
+            if hashing is not None:
+                hashing.result()  # the caller may reuse `data` once this returns
 
     def digest(self) -> str:
         return self._hash.hexdigest()
@@ -229,8 +242,10 @@ class FileArtifactStore:
         self._root = Path(root)
         self._incoming = self._root / _INCOMING
         self._incoming.mkdir(parents=True, exist_ok=True)
-        # Flushes of uploads in progress run here, beside the writes (see `_FileWriter`).
+        # Flushes and hashes of uploads in progress run here, beside the writes
+        # (see `_FileWriter`).
         self._flusher = ThreadPoolExecutor(2, thread_name_prefix="artifact-flush")
+        self._hasher = ThreadPoolExecutor(4, thread_name_prefix="artifact-hash")
 
     @property
     def root(self) -> Path:
@@ -244,7 +259,7 @@ class FileArtifactStore:
         return self._root / digest[:2] / digest
 
     def begin(self) -> ArtifactWriter:
-        return _FileWriter(self._incoming, self._flusher)
+        return _FileWriter(self._incoming, self._flusher, self._hasher)
 
     def commit(self, writer: ArtifactWriter) -> str:
         return self.commit_all([writer])[0]

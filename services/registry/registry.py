@@ -56,7 +56,7 @@ _log = get_logger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 # Received upload bytes that may wait for the disk and the hash, per upload.
-UPLOAD_BUFFER_BYTES = 16 * 1024 * 1024
+UPLOAD_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 class EventSink(Protocol):

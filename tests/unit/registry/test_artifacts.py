@@ -117,6 +117,21 @@ def test_a_large_upload_flushed_while_written_is_stored_whole(tmp_path: Path) ->
         assert handle.read() == data
 
 
+def test_small_and_large_writes_are_hashed_in_their_order(tmp_path: Path) -> None:
+    # Large writes are hashed on another thread while they are written, small ones inline.
+    store = FileArtifactStore(tmp_path)
+    pieces = [os.urandom(size) for size in (10, 300_000, 5, 65_536, 65_535, 1 << 20, 1)]
+    writer = store.begin()
+    for piece in pieces:
+        writer.write(memoryview(piece))
+    data = b"".join(pieces)
+    assert writer.size == len(data)
+    digest = store.commit(writer)
+    assert digest == hashlib.sha256(data).hexdigest()
+    with store.open_verified(digest, len(data)) as handle:
+        assert handle.read() == data
+
+
 def test_an_upload_aborted_while_flushing_leaves_nothing(tmp_path: Path) -> None:
     store = FileArtifactStore(tmp_path)
     writer = store.begin()
