@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import signal
 import socket
@@ -76,6 +77,8 @@ def env_number(
     try:
         value = float(raw)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # "nan" and "inf" parse, but are no setting
         problems.append(f"{key}={raw!r}: not a number")
         return default
     if value < minimum:

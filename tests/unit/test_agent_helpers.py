@@ -12,13 +12,20 @@ from tests.ports import free_port
 
 def test_env_number_defaults_parses_and_collects_problems() -> None:
     problems: list[str] = []
-    environ = {"A": " 2.5 ", "B": "x", "C": "0.5", "D": ""}
+    environ = {"A": " 2.5 ", "B": "x", "C": "0.5", "D": "", "F": "nan", "G": "inf"}
     assert env_number(environ, "A", 1.0, 0.0, problems) == 2.5
     assert env_number(environ, "B", 1.0, 0.0, problems) == 1.0
     assert env_number(environ, "C", 1.0, 1.0, problems) == 1.0
     assert env_number(environ, "D", 7.0, 0.0, problems) == 7.0
     assert env_number(environ, "E", 8.0, 0.0, problems) == 8.0
-    assert problems == ["B='x': not a number", "C='0.5': must be >= 1"]
+    assert env_number(environ, "F", 3.0, 0.0, problems) == 3.0
+    assert env_number(environ, "G", 4.0, 0.0, problems) == 4.0
+    assert problems == [
+        "B='x': not a number",
+        "C='0.5': must be >= 1",
+        "F='nan': not a number",
+        "G='inf': not a number",
+    ]
 
 
 async def test_run_every_outlives_a_failing_round_and_reports_it() -> None:
